@@ -1,0 +1,206 @@
+"""``bayeslora`` command line: a thin layer over the Python API.
+
+User errors (bad flags, missing files, corrupted runs) print one line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the benchmark data (default: $BAYESLORA_DATA)")
+    p.add_argument("--source", choices=["local", "hub"], default="local",
+                   help="read benchmark tasks from local release files or the Hugging Face hub")
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"Expected --option KEY=VALUE, but got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with a method", description="Fine-tune a base model with "
+                       "LoRA and a (Bayesian) method on a multiple-choice task; writes a run directory.")
+    p.add_argument("--model", default="smollm2-135m", help="base model: smollm2-135m (default), a .gguf file, "
+                   "a Hugging Face directory or hub id, or tiny-random-llama (tests only)")
+    p.add_argument("--dataset", default="arith", help="task name (see `bayeslora tasks`) or a .jsonl/.csv file")
+    p.add_argument("--method", default="mle", help="method name (see `bayeslora methods`)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--format", default="auto", choices=["auto", "letter", "cloze"],
+                   help="scoring format; auto = cloze for the small default model, letter otherwise")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=0.0, help="epochs, used when --max-steps is 0")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, warmup + linear decay)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps for linear warmup")
+    p.add_argument("--max-length", type=int, default=256, help="max tokens per row (left-truncated)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, init and sampling")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA input dropout")
+    p.add_argument("--target-modules", default="q_proj,v_proj,lm_head", help="comma-separated LoRA targets")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (method default if unset)")
+    p.add_argument("--samples", type=int, default=None, help="test-time posterior samples (method default)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. --option prior_std=0.2")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training questions")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: off)")
+    p.add_argument("--eval-limit", type=int, default=200, help="questions for evaluation during training")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .config import TrainConfig
+    from .methods import AdapterConfig
+    from .train import train
+
+    options = dict(_parse_option(o) for o in args.option)
+    if args.weight_decay is not None:
+        options["weight_decay"] = args.weight_decay
+    if args.samples is not None:
+        options["n_samples"] = args.samples
+    adapter = AdapterConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
+                            target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()])
+    config = TrainConfig(model=args.model, dataset=args.dataset, method=args.method, method_options=options,
+                         format=args.format, data_dir=args.data_dir, source=args.source, adapter=adapter, lr=args.lr,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
+                         epochs=args.epochs, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
+                         train_limit=args.train_limit, eval_every=args.eval_every, eval_limit=args.eval_limit,
+                         save_every=args.save_every, seed=args.seed)
+    run_dir = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run", description="Evaluate a run on a dataset split: writes "
+                       "metrics.json, predictions.jsonl (probabilities and uncertainty per example) and "
+                       "reliability.png.")
+    p.add_argument("run_dir", help="run directory written by `bayeslora train`")
+    p.add_argument("--dataset", default=None, help="task name or file (default: the run's training task)")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval/DATASET-SPLIT)")
+    p.add_argument("--samples", type=int, default=None, help="posterior samples (default: the method's)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--seed", type=int, default=0, help="seed of posterior sampling")
+    p.add_argument("--model", default=None, help="override the run's base model spec")
+    _add_data_flags(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate_examples, write_evaluation
+    from .runs import load_run, read_run_info
+    from .tasks import load_task
+
+    info = read_run_info(args.run_dir)
+    dataset = args.dataset or info.get("dataset")
+    examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
+    run = load_run(args.run_dir, model_spec=args.model)
+    result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
+                                     seed=args.seed, progress=True)
+    result.update(dataset=dataset, split=args.split, method=run.method.name, run_dir=str(args.run_dir))
+    name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
+    write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")
+    print(json.dumps({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification")}))
+    print(f"wrote {out}/metrics.json, predictions.jsonl, reliability.png")
+    return 0
+
+
+def _methods_parser(sub) -> None:
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.set_defaults(func=_cmd_methods)
+
+
+def _cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name in sorted(METHODS):
+        print(f"{name:<{width}}  {METHODS[name].description}")
+    return 0
+
+
+def _tasks_parser(sub) -> None:
+    p = sub.add_parser("tasks", help="list the built-in task names")
+    p.set_defaults(func=_cmd_tasks)
+
+
+def _cmd_tasks(args) -> int:
+    from .tasks import TASKS
+
+    width = max(len(n) for n in TASKS)
+    for name in TASKS:
+        print(f"{name:<{width}}  {TASKS[name].description}")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="fine-tune the default model on the built-in task and report calibration",
+                       description="Fine-tunes SmolLM2-135M with LoRA on the built-in arithmetic task (CPU, offline), "
+                       "evaluates it in- and out-of-distribution before and after, prints a table and writes "
+                       "reliability diagrams.")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--model", default="smollm2-135m", help="base model spec")
+    p.add_argument("--steps", type=int, default=150, help="training steps per method")
+    p.add_argument("--eval-limit", type=int, default=300, help="questions per evaluation set")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: the demo's set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import DEFAULT_DEMO_METHODS, run_demo
+
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_DEMO_METHODS)
+    run_demo(Path(args.out), model=args.model, steps=args.steps, eval_limit=args.eval_limit, methods=methods,
+             seed=args.seed)
+    return 0
+
+
+PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayeslora", description="Bayesian fine-tuning of LLMs with LoRA")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except USER_ERRORS as exc:
+        print(f"bayeslora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Evaluate a run on a dataset: metrics, per-example predictions with uncertainty, and a reliability diagram."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import metrics
+from .io_utils import atomic_write_text
+from .predictive import Predictive
+from .tasks.base import MCExample
+
+
+def predict_examples(run, examples: list[MCExample], n_samples: int | None = None, batch_size: int = 8,
+                     seed: int = 0, progress: bool = False) -> Predictive:
+    """Batched predictive of ``run`` over ``examples``; ``C`` is the largest choice count among them."""
+    if not examples:
+        raise ValueError("Expected at least one example to predict")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}")
+    n_choices = max(ex.n_choices for ex in examples)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(run.model.parameters()).device
+    starts = range(0, len(examples), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="predict", unit="batch", dynamic_ncols=True)
+    parts = []
+    for start in starts:
+        enc = run.scorer.encode(examples[start:start + batch_size], n_choices=n_choices).to(device)
+        parts.append(run.method.predict(run.model, run.scorer, enc, n_samples=n_samples, generator=generator).detach())
+    return Predictive.cat(parts)
+
+
+def evaluate_examples(run, examples: list[MCExample], n_samples: int | None = None, batch_size: int = 8,
+                      seed: int = 0, progress: bool = False) -> tuple[dict, Predictive]:
+    t0 = time.perf_counter()
+    pred = predict_examples(run, examples, n_samples, batch_size, seed, progress)
+    labels = torch.tensor([ex.label for ex in examples])
+    result = metrics.summary(pred.probs, labels)
+    result.update(eval_time_s=round(time.perf_counter() - t0, 3), n_samples=pred.n_samples,
+                  mean_epistemic=pred.epistemic.mean().item(), mean_total=pred.total.mean().item())
+    return result, pred
+
+
+def prediction_rows(examples: list[MCExample], pred: Predictive) -> list[dict]:
+    rows = []
+    for i, ex in enumerate(examples):
+        rows.append({
+            "id": ex.id, "label": ex.label, "prediction": int(pred.prediction[i]),
+            "probs": [round(float(p), 6) for p in pred.probs[i, : ex.n_choices]],
+            "confidence": float(pred.confidence[i]), "total": float(pred.total[i]),
+            "aleatoric": float(pred.aleatoric[i]), "epistemic": float(pred.epistemic[i]),
+        })
+    return rows
+
+
+def write_evaluation(out_dir: Path, examples: list[MCExample], pred: Predictive, result: dict, title: str) -> None:
+    """metrics.json, predictions.jsonl and reliability.png in ``out_dir`` (each written atomically)."""
+    from .plots import reliability_diagram
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r) + "\n" for r in prediction_rows(examples, pred))
+    atomic_write_text(out_dir / "predictions.jsonl", lines)
+    labels = torch.tensor([ex.label for ex in examples])
+    reliability_diagram(pred.probs, labels, out_dir / "reliability.png", title=title)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,10 @@
+"""Fine-tuning and Bayesianization methods; importing this package registers all of them."""
+
+from __future__ import annotations
+
+from . import mle  # noqa: F401  (registration side effect)
+from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .registry import METHODS, build_method, get_method_class, register_method
+
+__all__ = ["METHODS", "AdapterConfig", "BayesianMethod", "MethodConfig", "MethodError", "build_method",
+           "get_method_class", "register_method"]

@@ -1,0 +1,222 @@
+"""The method interface: every way of fine-tuning or Bayesianizing a LoRA adapter is one :class:`BayesianMethod`.
+
+A method's life cycle, driven by the generic training loop (:mod:`bayeslora.train`) and evaluation:
+
+1. ``prepare(base_model, adapter)`` injects PEFT LoRA adapters (and any posterior parameters) and returns the
+   PEFT model;
+2. training minimizes ``nll(model, scorer, batch, generator) + kl_scale(n_train) * kl()``;
+3. ``fit(...)`` (post-hoc methods only) fits on held-out data after training;
+4. ``predict(model, scorer, batch, n_samples, generator)`` returns a :class:`~bayeslora.predictive.Predictive`;
+5. ``save(model, dir)`` / ``load(base_model, dir)``: the PEFT adapter (safetensors) plus the method's own
+   tensors in ``posterior.safetensors`` and its config in ``run.json``. No pickle anywhere.
+
+Methods never touch the global RNG: randomness comes from the ``torch.Generator`` they are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..peft_ext import posterior_state
+from ..predictive import Predictive
+from ..scoring import ChoiceScorer, EncodedBatch
+
+POSTERIOR_FILE = "posterior.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+class MethodError(ValueError):
+    """A method used wrongly or a saved method that cannot be restored."""
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapter every method builds on (defaults: the BLoB paper's setting)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input (PEFT lora_dropout)"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"],
+                                      metadata={"help": "module names that get LoRA"})
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise MethodError(f"Expected LoRA rank `r` to be a positive int, but got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MethodError(f"Expected LoRA `dropout` in [0, 1), but got {self.dropout!r}")
+        if not self.target_modules:
+            raise MethodError("Expected at least one LoRA target module")
+
+    def lora_config(self, **overrides):
+        from peft import LoraConfig
+
+        kwargs = dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                      target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM")
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all methods; each method subclasses it in its own file."""
+
+    n_samples: int = field(default=0, metadata={"help": "posterior samples at test time (0: deterministic)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapter"})
+
+    def __post_init__(self):
+        if not isinstance(self.n_samples, int) or self.n_samples < 0:
+            raise MethodError(f"Expected `n_samples` to be a non-negative int, but got {self.n_samples!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MethodConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise MethodError(f"Unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class BayesianMethod:
+    """Base class. Subclasses set ``name``, ``description`` and ``config_cls`` and register themselves."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: post-hoc methods start from a trained adapter (``bayeslora calibrate`` / ``bayesianize``)
+    posthoc: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise MethodError(f"{self.name} expects a {self.config_cls.__name__}, got {type(self.config).__name__}")
+
+    # -- building -------------------------------------------------------------------------------------------
+    def prepare(self, base_model: torch.nn.Module, adapter: AdapterConfig):
+        """Inject the adapter(s); return the PEFT model with only adapter/posterior parameters trainable."""
+        from peft import get_peft_model
+
+        return get_peft_model(base_model, adapter.lora_config())
+
+    def param_groups(self, model) -> list[dict]:
+        """Optimizer parameter groups (default: all trainable parameters with the config's weight decay)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.config.weight_decay}]
+
+    # -- training -------------------------------------------------------------------------------------------
+    def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
+        """Mean cross-entropy of the training batch (one posterior sample per question where there is one)."""
+        logits = scorer.choice_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits, batch.labels)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || p) of the posterior parameters; zero for non-variational methods."""
+        return torch.zeros(())
+
+    def kl_scale(self, n_train: int) -> float:
+        """Weight of :meth:`kl` in the per-example loss (default 1 / N: the ELBO divided by the data size)."""
+        return 1.0 / max(n_train, 1)
+
+    # -- post-hoc -------------------------------------------------------------------------------------------
+    def fit(self, model, scorer: ChoiceScorer, examples: list, batch_size: int = 8,
+            generator: torch.Generator | None = None) -> dict:
+        """Post-hoc fit on ``examples``; returns a dict of fitted values to log. Default: nothing to fit."""
+        return {}
+
+    # -- prediction -----------------------------------------------------------------------------------------
+    def resolve_samples(self, n_samples: int | None) -> int:
+        n = self.config.n_samples if n_samples is None else n_samples
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise MethodError(f"Expected `n_samples` to be a non-negative int, but got {n!r}")
+        return n
+
+    @torch.no_grad()
+    def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
+                generator: torch.Generator | None = None) -> Predictive:
+        """Predictive over the batch's choices: probs ``(B, C)`` (+ samples ``(S, B, C)`` where sampled)."""
+        self.resolve_samples(n_samples)
+        return Predictive.from_logits(scorer.choice_logits(model, batch))
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def state_dict(self, model) -> dict[str, torch.Tensor]:
+        """Method tensors that are not in the PEFT adapter: by default the posterior parameters of the model's
+        stochastic LoRA layers (see :mod:`bayeslora.peft_ext`). Methods with other state extend it."""
+        return dict(posterior_state(model))
+
+    def load_state_dict(self, model, state: dict[str, torch.Tensor]) -> None:
+        expected = posterior_state(model)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise MethodError(f"The saved posterior does not match method {self.name!r}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                if tensor.shape != state[key].shape:
+                    raise MethodError(f"Posterior tensor {key} has shape {tuple(state[key].shape)}, "
+                                      f"expected {tuple(tensor.shape)}")
+                tensor.copy_(state[key])
+
+    def attach(self, model) -> None:
+        """Re-create posterior modules on a PEFT model loaded from disk (before :meth:`load_state_dict`)."""
+
+    def save(self, model, out_dir: Path) -> None:
+        """PEFT adapter (without posterior tensors) + ``posterior.safetensors`` (when there is any)."""
+        out_dir = Path(out_dir)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict(model).items()}
+        adapter_state = {k: v for k, v in model.state_dict().items() if k not in state}
+        # save_embedding_layers=False: a LoRA on a tied LM head must not copy the whole embedding matrix
+        model.save_pretrained(str(out_dir / ADAPTER_DIR), state_dict=adapter_state, save_embedding_layers=False)
+        if state:
+            save_file(state, str(out_dir / POSTERIOR_FILE), metadata={"method": self.name})
+
+    def load(self, base_model: torch.nn.Module, run_dir: Path):
+        """Load the adapter(s) of ``run_dir`` onto ``base_model`` and restore this method's state."""
+        from peft import PeftModel
+
+        run_dir = Path(run_dir)
+        adapter_dir = run_dir / ADAPTER_DIR
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise MethodError(f"{run_dir} has no PEFT adapter ({adapter_dir}/adapter_config.json is missing)")
+        try:
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+        except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
+            raise MethodError(f"Could not load the adapter in {adapter_dir} onto the base model: {exc}") from exc
+        self.load_extra_adapters(model, adapter_dir)
+        self.attach(model)
+        self.load_state_dict(model, read_posterior(run_dir, self.name))
+        return model
+
+    def load_extra_adapters(self, model, adapter_dir: Path) -> None:
+        """Load named adapters beyond ``default`` (ensembles)."""
+
+
+def read_posterior(run_dir: Path, method_name: str) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / POSTERIOR_FILE
+    if not path.exists():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            saved_by = (fh.metadata() or {}).get("method")
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise MethodError(f"{path} is not a readable safetensors file ({exc}); the run is corrupted") from exc
+    if saved_by is not None and saved_by != method_name:
+        raise MethodError(f"{path} was saved by method {saved_by!r}, not {method_name!r}")
+    return state
+
+
+def write_json(path: Path, obj) -> None:
+    from ..io_utils import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")

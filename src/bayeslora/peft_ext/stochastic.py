@@ -1,0 +1,142 @@
+"""Per-sample-group stochastic LoRA ``A`` factors plugged into PEFT's LoRA layers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SamplingState:
+    """Active sampling: row ``i`` of every batch uses weight sample ``groups[i]`` (of ``n_groups``).
+
+    Noise is drawn once per layer per context (from ``generator``) and cached, so several forwards inside one
+    context (e.g. a prompt and its continuation) see the same weight sample.
+    """
+
+    groups: torch.Tensor  # (R,) long
+    n_groups: int
+    generator: torch.Generator | None
+    cache: dict = field(default_factory=dict)
+
+    def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+        key = id(layer)
+        if key not in self.cache:
+            eps = torch.randn((self.n_groups, *shape), generator=self.generator, device="cpu", dtype=torch.float32)
+            self.cache[key] = eps.to(device=device, dtype=dtype)
+        return self.cache[key]
+
+
+class StochasticLoraA(nn.Module):
+    """Base of stochastic ``lora_A`` replacements: ``weight`` (r, d_in) is the mean; subclasses add noise.
+
+    Parameters other than ``weight`` are the layer's *posterior* state: they are saved in
+    ``posterior.safetensors``, not in the PEFT adapter file.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight  # shares the PEFT parameter: same name, same storage
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self._sampling: SamplingState | None = None
+
+    def noise_term(self, x: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)
+        state = self._sampling
+        if state is None:
+            return out
+        if x.shape[0] != state.groups.shape[0]:
+            raise RuntimeError(f"Sampling groups cover {state.groups.shape[0]} rows but the batch has {x.shape[0]}")
+        return out + self.noise_term(x, state)
+
+
+class GaussianLoraA(StochasticLoraA):
+    """``A ~ N(weight, std^2)`` elementwise with ``std = std_fn(rho)``; one sample per group.
+
+    The noise of a row is ``x @ (std * eps_g)^T`` with ``eps_g ~ N(0, I)`` of shape (r, d_in): an exact weight
+    sample per group at the cost of one extra (R, T, d_in) x (R, d_in, r) batched matmul.
+    """
+
+    def __init__(self, linear: nn.Linear, rho: torch.Tensor, std_fn: Callable[[torch.Tensor], torch.Tensor],
+                 trainable: bool = True):
+        super().__init__(linear)
+        self.rho = nn.Parameter(rho.to(linear.weight.dtype).clone(), requires_grad=trainable)
+        self.std_fn = std_fn
+
+    def std(self) -> torch.Tensor:
+        return self.std_fn(self.rho)
+
+    def noise_term(self, x: torch.Tensor, state: SamplingState) -> torch.Tensor:
+        eps = state.noise(self, tuple(self.weight.shape), x.device, x.dtype)  # (G, r, d_in)
+        per_row = (self.std().to(x.dtype) * eps)[state.groups]  # (R, r, d_in)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (R, T, d_in)
+        return torch.bmm(flat, per_row.transpose(1, 2)).reshape(*x.shape[:-1], per_row.shape[1])
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """PEFT LoRA layers (modules with a ``lora_A`` ModuleDict) with their qualified names."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+            yield name, module
+
+
+def replace_lora_A(model: nn.Module, factory: Callable[[str, nn.Linear], StochasticLoraA],
+                   adapter_name: str = "default") -> list[StochasticLoraA]:
+    """Swap each LoRA layer's ``lora_A[adapter_name]`` for ``factory(layer_name, linear)``."""
+    replaced = []
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        current = layer.lora_A[adapter_name]
+        linear = current if isinstance(current, nn.Linear) else _as_linear(current)
+        new = factory(name, linear)
+        layer.lora_A[adapter_name] = new
+        replaced.append(new)
+    if not replaced:
+        raise ValueError(f"The model has no LoRA layers with adapter {adapter_name!r} to make stochastic")
+    return replaced
+
+
+def _as_linear(module: StochasticLoraA) -> nn.Linear:
+    linear = nn.Linear(module.in_features, module.out_features, bias=False)
+    linear.weight = module.weight
+    return linear
+
+
+def stochastic_layers(model: nn.Module) -> list[StochasticLoraA]:
+    return [m for m in model.modules() if isinstance(m, StochasticLoraA)]
+
+
+def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of the stochastic layers other than ``weight`` (keyed by full name)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, StochasticLoraA):
+            for pname, tensor in [*module.named_parameters(recurse=True), *module.named_buffers(recurse=True)]:
+                if pname != "weight":
+                    out[f"{name}.{pname}"] = tensor
+    return out
+
+
+@contextlib.contextmanager
+def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[SamplingState]:
+    """Within the context, every stochastic layer of ``model`` samples one weight per group."""
+    layers = stochastic_layers(model)
+    state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
+                          generator=generator)
+    for layer in layers:
+        layer._sampling = state
+    try:
+        yield state
+    finally:
+        for layer in layers:
+            layer._sampling = None

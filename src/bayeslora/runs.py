@@ -1,0 +1,93 @@
+"""A run directory and how to reload it.
+
+Layout::
+
+    RUN_DIR/
+      run.json               resolved config: model spec, format, method + its options, adapter, training options
+      adapter/               PEFT adapter(s): adapter_config.json + adapter_model.safetensors
+      posterior.safetensors  the method's own tensors (scales, temperature, curvature ...), when it has any
+      tokenizer/             the tokenizer used in training
+      train_log.jsonl        one JSON line per logged step
+      checkpoint/            the last training checkpoint (for --resume)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .methods import BayesianMethod, MethodError, build_method
+from .methods.base import write_json
+from .models import load_model
+from .predictive import Predictive
+from .scoring import ChoiceScorer, make_scorer
+from .tasks.base import MCExample, qa_example
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Run:
+    """A loaded run: the PEFT model with its method, ready to predict."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    method: BayesianMethod
+    scorer: ChoiceScorer
+    info: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def predict(self, examples: list[MCExample | dict], n_samples: int | None = None, batch_size: int = 8,
+                seed: int = 0, progress: bool = False) -> Predictive:
+        """Predictive for questions given as :class:`MCExample` or ``{"question", "choices"}`` dicts."""
+        from .evaluate import predict_examples
+
+        examples = [_as_example(e, i) for i, e in enumerate(examples)]
+        return predict_examples(self, examples, n_samples=n_samples, batch_size=batch_size, seed=seed,
+                                progress=progress)
+
+
+def _as_example(item: MCExample | dict, index: int) -> MCExample:
+    if isinstance(item, MCExample):
+        return item
+    try:
+        question, choices = item["question"], list(item["choices"])
+    except (KeyError, TypeError):
+        raise ValueError(f"Question {index}: expected a dict with 'question' and 'choices', got {item!r}") from None
+    label = int(item.get("answer", 0)) if isinstance(item.get("answer", 0), int) else 0
+    return qa_example(str(item.get("id", index)), question, choices, label)
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    write_json(Path(run_dir) / RUN_FILE, info)
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise MethodError(f"Run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise MethodError(f"{run_dir} is not a bayeslora run: {RUN_FILE} is missing")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MethodError(f"{path} is not valid JSON ({exc.msg}); the run is corrupted") from None
+    for key in ("model", "method", "format"):
+        if key not in info:
+            raise MethodError(f"{path} lacks the key {key!r}; the run is corrupted")
+    return info
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None, model_spec: str | None = None) -> Run:
+    """Rebuild base model + adapter + method from ``run_dir`` (``model_spec`` overrides the saved base model)."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    method = build_method(info["method"], info.get("method_config", {}))
+    loaded = load_model(model_spec or info["model"], device=device)
+    model = method.load(loaded.model, run_dir)
+    model.eval()
+    scorer = make_scorer(info["format"], loaded.tokenizer, max_length=int(info.get("max_length", 256)))
+    return Run(model=model, tokenizer=loaded.tokenizer, method=method, scorer=scorer, info=info, path=run_dir)

@@ -1,0 +1,251 @@
+"""Turn multiple-choice examples into choice logits ``(B, C)`` with a causal LM.
+
+Two formats (see :mod:`bayeslora.tasks.base` for the templates):
+
+``letter``
+    One row per question. The logits at the last position, restricted to the label tokens ``" A"``, ``" B"``..,
+    are the choice logits (the BLoB / Laplace-LoRA protocol).
+``cloze``
+    One row per (question, choice). A choice's logit is the log-likelihood of its continuation given its context,
+    divided by the continuation's token count (``normalize="token"``, default) or not (``"none"``). All choices of
+    a batch go through one forward.
+
+Absent choices (a question with fewer choices than the batch's ``C``) get logit ``-inf``, hence probability 0.
+Rows are left-padded and position ids follow the attention mask, so a question scores the same alone or in a batch.
+Only the positions that are needed go through the LM head (``logits_to_keep``), never the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from enum import Enum
+
+import torch
+
+from .tasks.base import LETTERS, MCExample
+
+
+class ChoiceFormat(str, Enum):
+    """How a question is scored."""
+
+    LETTER = "letter"
+    """Prompt lists the labelled choices; next-token logits of the label letters."""
+    CLOZE = "cloze"
+    """Each choice's text scored by its length-normalized log-likelihood as a continuation."""
+
+
+@dataclass
+class EncodedBatch:
+    """Token tensors for ``B`` questions spread over ``R`` rows (``R = B`` for letter, ``sum(C_b)`` for cloze)."""
+
+    input_ids: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, T)
+    row_question: torch.Tensor  # (R,) question index of each row
+    row_choice: torch.Tensor  # (R,) choice index of each row (cloze), 0 for letter
+    target_ids: torch.Tensor  # (R, K) right-aligned continuation tokens (cloze), (R, 0) for letter
+    target_mask: torch.Tensor  # (R, K)
+    choice_mask: torch.Tensor  # (B, C) True where the choice exists
+    labels: torch.Tensor  # (B,)
+
+    @property
+    def n_questions(self) -> int:
+        return self.choice_mask.shape[0]
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> EncodedBatch:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def repeat(self, n: int) -> EncodedBatch:
+        """``n`` copies of the batch, sample-major: question ``s * B + b`` is copy ``s`` of question ``b``."""
+        B = self.n_questions
+        offsets = (torch.arange(n, device=self.row_question.device) * B).repeat_interleave(self.n_rows)
+        return EncodedBatch(
+            input_ids=self.input_ids.repeat(n, 1),
+            attention_mask=self.attention_mask.repeat(n, 1),
+            row_question=self.row_question.repeat(n) + offsets,
+            row_choice=self.row_choice.repeat(n),
+            target_ids=self.target_ids.repeat(n, 1),
+            target_mask=self.target_mask.repeat(n, 1),
+            choice_mask=self.choice_mask.repeat(n, 1),
+            labels=self.labels.repeat(n),
+        )
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ChoiceScorer:
+    """Base class: encode examples, run the model, return choice logits ``(B, C)``."""
+
+    format: ChoiceFormat
+
+    def __init__(self, tokenizer, max_length: int = 512):
+        if max_length < 8:
+            raise ValueError(f"Expected `max_length` to be at least 8 tokens, but got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, examples: list[MCExample], n_choices: int | None = None) -> EncodedBatch:
+        raise NotImplementedError
+
+    def n_keep(self, enc: EncodedBatch) -> int:
+        """How many trailing positions need LM-head logits."""
+        raise NotImplementedError
+
+    def logits_from_vocab(self, vocab_logits: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
+        """Choice logits ``(B, C)`` from the trailing vocabulary logits ``(R, n_keep, V)``."""
+        raise NotImplementedError
+
+    def forward_vocab(self, model, enc: EncodedBatch) -> torch.Tensor:
+        """Run ``model`` and return vocabulary logits of the trailing positions ``(R, n_keep, V)``."""
+        out = model(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids(enc.attention_mask),
+            logits_to_keep=self.n_keep(enc),
+            use_cache=False,
+        )
+        return out.logits
+
+    def choice_logits(self, model, enc: EncodedBatch) -> torch.Tensor:
+        """Choice logits ``(B, C)``, ``-inf`` at absent choices."""
+        return self.logits_from_vocab(self.forward_vocab(model, enc), enc)
+
+
+def _choice_mask(examples: list[MCExample], n_choices: int | None) -> torch.Tensor:
+    C = n_choices or max(ex.n_choices for ex in examples)
+    if any(ex.n_choices > C for ex in examples):
+        raise ValueError(f"A question has more choices than `n_choices`={C}")
+    mask = torch.zeros((len(examples), C), dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        mask[b, : ex.n_choices] = True
+    return mask
+
+
+class LetterScorer(ChoiceScorer):
+    format = ChoiceFormat.LETTER
+
+    def __init__(self, tokenizer, max_length: int = 512):
+        super().__init__(tokenizer, max_length)
+        self.label_token_ids = [self._label_token(letter) for letter in LETTERS]
+
+    def _label_token(self, letter: str) -> int:
+        # " A" is one token in most LLM vocabularies; a byte-level test tokenizer only has "A".
+        for text in (f" {letter}", letter):
+            ids = self._ids(text)
+            if len(ids) == 1:
+                return ids[0]
+        raise ValueError(f"The tokenizer has no single token for the label {letter!r}: use --format cloze")
+
+    def encode(self, examples: list[MCExample], n_choices: int | None = None) -> EncodedBatch:
+        rows = [self._ids(ex.prompt)[-self.max_length:] for ex in examples]
+        ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
+        B = len(examples)
+        return EncodedBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            row_question=torch.arange(B),
+            row_choice=torch.zeros(B, dtype=torch.long),
+            target_ids=torch.zeros((B, 0), dtype=torch.long),
+            target_mask=torch.zeros((B, 0), dtype=torch.bool),
+            choice_mask=_choice_mask(examples, n_choices),
+            labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        )
+
+    def n_keep(self, enc: EncodedBatch) -> int:
+        return 1
+
+    def logits_from_vocab(self, vocab_logits: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
+        C = enc.choice_mask.shape[1]
+        label_ids = torch.tensor(self.label_token_ids[:C], device=vocab_logits.device)
+        logits = vocab_logits[:, -1, :].index_select(-1, label_ids)  # (B, C)
+        # rows are questions, in order
+        return logits.float().masked_fill(~enc.choice_mask, float("-inf"))
+
+
+class ClozeScorer(ChoiceScorer):
+    format = ChoiceFormat.CLOZE
+
+    def __init__(self, tokenizer, max_length: int = 512, normalize: str = "token"):
+        super().__init__(tokenizer, max_length)
+        if normalize not in ("token", "none"):
+            raise ValueError(f"Expected `normalize` to be 'token' or 'none', but got {normalize!r}")
+        self.normalize = normalize
+
+    def encode(self, examples: list[MCExample], n_choices: int | None = None) -> EncodedBatch:
+        rows, targets, row_q, row_c = [], [], [], []
+        for b, ex in enumerate(examples):
+            for c, (context, continuation) in enumerate(ex.cloze):
+                cont = self._ids(continuation)[: self.max_length - 1]
+                if not cont:
+                    raise ValueError(f"Example {ex.id!r}: choice {c} has an empty continuation")
+                ctx = self._ids(context)[-(self.max_length - len(cont)):]
+                rows.append(ctx + cont)
+                targets.append(cont)
+                row_q.append(b)
+                row_c.append(c)
+        ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
+        K = max(len(t) for t in targets)
+        target_ids = torch.zeros((len(rows), K), dtype=torch.long)
+        target_mask = torch.zeros((len(rows), K), dtype=torch.bool)
+        for r, t in enumerate(targets):
+            target_ids[r, K - len(t):] = torch.tensor(t)
+            target_mask[r, K - len(t):] = True
+        return EncodedBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            row_question=torch.tensor(row_q),
+            row_choice=torch.tensor(row_c),
+            target_ids=target_ids,
+            target_mask=target_mask,
+            choice_mask=_choice_mask(examples, n_choices),
+            labels=torch.tensor([ex.label for ex in examples], dtype=torch.long),
+        )
+
+    def n_keep(self, enc: EncodedBatch) -> int:
+        # position t predicts token t + 1: the K targets need the K positions before the last token too
+        return enc.target_ids.shape[1] + 1
+
+    def logits_from_vocab(self, vocab_logits: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
+        logprobs = torch.log_softmax(vocab_logits[:, :-1, :].float(), dim=-1)  # (R, K, V)
+        token_lp = logprobs.gather(-1, enc.target_ids.unsqueeze(-1)).squeeze(-1)  # (R, K)
+        token_lp = token_lp.masked_fill(~enc.target_mask, 0.0)
+        score = token_lp.sum(-1)
+        if self.normalize == "token":
+            score = score / enc.target_mask.sum(-1).clamp(min=1)
+        B, C = enc.choice_mask.shape
+        logits = torch.full((B, C), float("-inf"), device=score.device, dtype=score.dtype)
+        logits[enc.row_question, enc.row_choice] = score
+        return logits
+
+
+SCORERS: dict[ChoiceFormat, type[ChoiceScorer]] = {
+    ChoiceFormat.LETTER: LetterScorer,
+    ChoiceFormat.CLOZE: ClozeScorer,
+}
+
+
+def make_scorer(fmt: str | ChoiceFormat, tokenizer, max_length: int = 512) -> ChoiceScorer:
+    try:
+        fmt = ChoiceFormat(fmt)
+    except ValueError:
+        raise ValueError(f"Expected `format` to be one of {[f.value for f in ChoiceFormat]}, but got {fmt!r}") from None
+    return SCORERS[fmt](tokenizer, max_length=max_length)

@@ -1,0 +1,242 @@
+"""One generic training loop on Hugging Face accelerate, for every method: ``loss = nll + kl_scale * kl``.
+
+The same code runs on one CPU, one GPU, or ``accelerate launch --num_processes N`` (DDP): each optimizer step
+takes a global batch of ``batch_size`` questions (a deterministic function of the seed and the step), split into
+``grad_accum`` micro-batches and each of those across the processes, so the trajectory does not depend on the
+number of processes. Checkpoints are written atomically every ``save_every`` steps and ``resume=True`` continues
+from the last one, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .evaluate import evaluate_examples
+from .io_utils import atomic_dir, atomic_write_text
+from .methods import BayesianMethod, build_method
+from .models import load_model
+from .runs import Run, write_run_info
+from .scoring import make_scorer
+from .tasks import load_task
+
+CHECKPOINT_DIR = "checkpoint"
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (e.g. a non-finite loss); the message says which step and what was kept."""
+
+
+def batch_indices(n_train: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the global batch of optimizer step ``step``: consecutive slices of per-epoch permutations."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_train)
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+    return out
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, step: int) -> None:
+    with atomic_dir(path) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        rng = {"generator": generator.get_state(), "torch": torch.random.get_rng_state()}
+        save_file(rng, str(tmp / "rng.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler, generator) -> int:
+    try:
+        params = load_file(str(path / "trainable.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True)  # never unpickle arbitrary objects
+        state = json.loads((path / "state.json").read_text())
+    except Exception as exc:  # noqa: BLE001
+        raise TrainingError(f"Checkpoint {path} is unreadable ({exc}); remove it to start over") from exc
+    named = dict(model.named_parameters())
+    missing = [n for n, p in named.items() if p.requires_grad and n not in params]
+    if missing:
+        raise TrainingError(f"Checkpoint {path} does not match this model/method (missing {missing[:2]} ...)")
+    with torch.no_grad():
+        for name, value in params.items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(rng["generator"])
+    torch.random.set_rng_state(rng["torch"])
+    return int(state["step"])
+
+
+def _micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
+    size = len(indices) // grad_accum
+    return [indices[i * size:(i + 1) * size][rank::world] for i in range(grad_accum)]
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with (run_dir / LOG_FILE).open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (they will be redone)."""
+    path = run_dir / LOG_FILE
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _save_final(run_dir: Path, method: BayesianMethod, model, info: dict, tokenizer) -> None:
+    """Write adapter + posterior + run.json; each piece is replaced atomically."""
+    staging = run_dir / ".final-staging"
+    with atomic_dir(staging) as tmp:
+        method.save(model, tmp)
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    for item in staging.iterdir():
+        target = run_dir / item.name
+        if item.is_dir():
+            with atomic_dir(target) as tmp_target:
+                os.rmdir(tmp_target)
+                os.replace(item, tmp_target)
+        else:
+            os.replace(item, target)
+    staging.rmdir()
+    write_run_info(run_dir, info)
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Fine-tune ``config.model`` with ``config.method`` on ``config.dataset``; returns the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    run_dir = Path(out_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise TrainingError(f"Output directory {run_dir} is not empty: choose another --out or pass --resume")
+    method = build_method(config.method, config.method_options)
+    train_set = load_task(config.dataset, "train", config.data_dir, config.source, limit=config.train_limit)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if (config.batch_size // config.grad_accum) % world:
+        raise TrainingError(f"The micro-batch ({config.batch_size // config.grad_accum}) must split evenly over "
+                            f"{world} processes")
+    torch.manual_seed(config.seed)  # PEFT initializes LoRA with the global RNG: same init on every process
+    loaded = load_model(config.model, device=accelerator.device)
+    model = method.prepare(loaded.model, config.adapter)
+    scorer = make_scorer(config.format, loaded.tokenizer, config.max_length)
+    n_choices = max(ex.n_choices for ex in train_set)
+    total = config.n_steps(len(train_set))
+    optimizer = torch.optim.AdamW(method.param_groups(model), lr=config.lr)
+    scheduler = linear_schedule(optimizer, round(config.warmup_ratio * total), total)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + rank)
+
+    info = {"model": loaded.spec, "format": config.format, "max_length": config.max_length,
+            "method": method.name, "method_config": method.config.to_dict(), "adapter": config.to_dict()["adapter"],
+            "dataset": config.dataset, "n_train": len(train_set), "n_choices": n_choices, "steps": total,
+            "train": config.to_dict()}
+    start = 0
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(run_dir, {**info, "status": "training"})
+    if resume and (run_dir / CHECKPOINT_DIR).is_dir():
+        start = _load_checkpoint(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, generator)
+        if accelerator.is_main_process:
+            _truncate_log(run_dir, start)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    eval_set = _eval_set(config) if config.eval_every and accelerator.is_main_process else None
+
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(start, total):
+        indices = batch_indices(len(train_set), config.batch_size, config.seed, step)
+        nll_sum, kl_value = 0.0, 0.0
+        micro = _micro_batches(indices, config.grad_accum, rank, world)
+        for i, chunk in enumerate(micro):
+            enc = scorer.encode([train_set[j] for j in chunk], n_choices=n_choices).to(accelerator.device)
+            sync = accelerator.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+            with sync:
+                nll = method.nll(model, scorer, enc, generator)
+                kl = method.kl().to(nll.device)
+                loss = (nll + method.kl_scale(len(train_set)) * kl) / config.grad_accum
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"The loss became {loss.item()} at step {step + 1} (nll {nll.item()}, kl {kl.item()}); "
+                        f"stopped. The last good checkpoint is in {run_dir / CHECKPOINT_DIR}: lower --lr and --resume")
+                accelerator.backward(loss)
+            nll_sum += nll.item() / config.grad_accum
+            kl_value = kl.item()
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {"step": done, "nll": nll_sum, "kl": kl_value, "lr": scheduler.get_last_lr()[0],
+                  "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if eval_set is not None and done % config.eval_every == 0:
+            record["eval"] = _evaluate_during_training(accelerator.unwrap_model(model), method, scorer, eval_set)
+            model.train()
+        if accelerator.is_main_process:
+            _log(run_dir, record)
+            if bar is not None:
+                bar.set_postfix(nll=f"{nll_sum:.3f}")
+                bar.update(1)
+        if config.save_every and done % config.save_every == 0 and done < total:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _save_checkpoint(run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(model), optimizer, scheduler,
+                                 generator, done)
+    if bar is not None:
+        bar.close()
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    final.eval()
+    if accelerator.is_main_process:
+        _save_checkpoint(run_dir / CHECKPOINT_DIR, final, optimizer, scheduler, generator, total)
+        info["train_time_s"] = round(time.perf_counter() - t0, 2)
+        _save_final(run_dir, method, final, {**info, "status": "done"}, loaded.tokenizer)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _eval_set(config: TrainConfig):
+    return load_task(config.dataset, config.eval_split, config.data_dir, config.source, limit=config.eval_limit)
+
+
+def _evaluate_during_training(model, method, scorer, examples) -> dict:
+    run = Run(model=model, tokenizer=scorer.tokenizer, method=method, scorer=scorer)
+    metrics, _ = evaluate_examples(run, examples, progress=False)
+    return {k: round(v, 5) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}
