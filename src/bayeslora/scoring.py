@@ -22,6 +22,7 @@ from enum import Enum
 
 import torch
 
+from .peft_ext import row_questions
 from .tasks.base import LETTERS, MCExample
 
 
@@ -116,13 +117,14 @@ class ChoiceScorer:
 
     def forward_vocab(self, model, enc: EncodedBatch) -> torch.Tensor:
         """Run ``model`` and return vocabulary logits of the trailing positions ``(R, n_keep, V)``."""
-        out = model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            position_ids=position_ids(enc.attention_mask),
-            logits_to_keep=self.n_keep(enc),
-            use_cache=False,
-        )
+        with row_questions(model, enc.row_question):
+            out = model(
+                input_ids=enc.input_ids,
+                attention_mask=enc.attention_mask,
+                position_ids=position_ids(enc.attention_mask),
+                logits_to_keep=self.n_keep(enc),
+                use_cache=False,
+            )
         return out.logits
 
     def choice_logits(self, model, enc: EncodedBatch) -> torch.Tensor:

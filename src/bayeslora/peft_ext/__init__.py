@@ -14,11 +14,12 @@ from .stochastic import (
     lora_layers,
     posterior_state,
     replace_lora_A,
+    row_questions,
     sample_groups,
     stochastic_layers,
 )
 
-__all__ = ["GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A",
+__all__ = ["GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A", "row_questions",
            "sample_groups", "stochastic_layers"]
 
 import warnings

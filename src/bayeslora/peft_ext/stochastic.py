@@ -12,16 +12,26 @@ from torch import nn
 
 @dataclass
 class SamplingState:
-    """Active sampling: row ``i`` of every batch uses weight sample ``groups[i]`` (of ``n_groups``).
+    """Active sampling: *question* ``q`` uses weight sample ``groups[q]`` (of ``n_groups``).
 
-    Noise is drawn once per layer per context (from ``generator``) and cached, so several forwards inside one
-    context (e.g. a prompt and its continuation) see the same weight sample.
+    A forward pass's rows are mapped to questions by ``rows`` (set by the scorer with :func:`row_questions`; when
+    unset, row ``i`` is question ``i``), so all rows of a question (its cloze choices, its prompt and its
+    continuation) share one weight sample. Noise is drawn once per layer per context (from ``generator``) and
+    cached, so several forwards inside one context see the same sample.
     """
 
-    groups: torch.Tensor  # (R,) long
+    groups: torch.Tensor  # (B,) long: sample group of each question
     n_groups: int
     generator: torch.Generator | None
+    rows: torch.Tensor | None = None  # (R,) long: question of each row of the current forward
     cache: dict = field(default_factory=dict)
+
+    def row_groups(self, n_rows: int) -> torch.Tensor:
+        """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,)."""
+        rows = self.rows if self.rows is not None else torch.arange(n_rows, device=self.groups.device)
+        if rows.shape[0] != n_rows:
+            raise RuntimeError(f"The sampling context maps {rows.shape[0]} rows but the batch has {n_rows}")
+        return self.groups[rows.to(self.groups.device)]
 
     def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         key = id(layer)
@@ -53,8 +63,6 @@ class StochasticLoraA(nn.Module):
         state = self._sampling
         if state is None:
             return out
-        if x.shape[0] != state.groups.shape[0]:
-            raise RuntimeError(f"Sampling groups cover {state.groups.shape[0]} rows but the batch has {x.shape[0]}")
         return out + self.noise_term(x, state)
 
 
@@ -76,7 +84,7 @@ class GaussianLoraA(StochasticLoraA):
 
     def noise_term(self, x: torch.Tensor, state: SamplingState) -> torch.Tensor:
         eps = state.noise(self, tuple(self.weight.shape), x.device, x.dtype)  # (G, r, d_in)
-        per_row = (self.std().to(x.dtype) * eps)[state.groups]  # (R, r, d_in)
+        per_row = (self.std().to(x.dtype) * eps)[state.row_groups(x.shape[0]).to(x.device)]  # (R, r, d_in)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (R, T, d_in)
         return torch.bmm(flat, per_row.transpose(1, 2)).reshape(*x.shape[:-1], per_row.shape[1])
 
@@ -129,7 +137,11 @@ def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None = None,
                   generator: torch.Generator | None = None) -> Iterator[SamplingState]:
-    """Within the context, every stochastic layer of ``model`` samples one weight per group."""
+    """Within the context, every stochastic layer of ``model`` samples one weight per group of questions.
+
+    ``groups`` (B,) gives each question's sample group: ``torch.arange(B)`` draws one sample per question (training;
+    or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`).
+    """
     layers = stochastic_layers(model)
     state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
                           generator=generator)
@@ -140,3 +152,18 @@ def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None =
     finally:
         for layer in layers:
             layer._sampling = None
+
+
+@contextlib.contextmanager
+def row_questions(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Tell the active sampling context (if any) which question each row of the next forwards belongs to."""
+    layers = [m for m in stochastic_layers(model) if m._sampling is not None]
+    states = {id(m._sampling): m._sampling for m in layers}
+    previous = {k: st.rows for k, st in states.items()}
+    for st in states.values():
+        st.rows = rows
+    try:
+        yield
+    finally:
+        for k, st in states.items():
+            st.rows = previous[k]
