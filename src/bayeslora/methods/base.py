@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..peft_ext import posterior_state
+from ..peft_ext import posterior_state, sample_groups
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 
@@ -133,6 +133,17 @@ class BayesianMethod:
         return {}
 
     # -- prediction -----------------------------------------------------------------------------------------
+    def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
+                 generator: torch.Generator | None = None):
+        """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``.
+
+        Used for training (one sample per question), batched prediction (a batch repeated S times, one group per
+        copy) and generation (S copies of a prompt decoded together). Default: the stochastic LoRA layers of
+        :mod:`bayeslora.peft_ext` (a no-op for a deterministic model); methods with other kinds of samples
+        (ensemble members, ...) override it.
+        """
+        return sample_groups(model, groups, n_groups, generator)
+
     def resolve_samples(self, n_samples: int | None) -> int:
         n = self.config.n_samples if n_samples is None else n_samples
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
