@@ -96,7 +96,8 @@ def _eval_parser(sub) -> None:
                        "reliability.png.")
     p.add_argument("run_dir", help="run directory written by `bayeslora train`")
     p.add_argument("--dataset", default=None, help="task name or file (default: the run's training task)")
-    p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
+                   help="dataset split to evaluate on")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval/DATASET-SPLIT)")
     p.add_argument("--samples", type=int, default=None, help="posterior samples (default: the method's)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch")
@@ -114,6 +115,8 @@ def _cmd_eval(args) -> int:
 
     info = read_run_info(args.run_dir)
     dataset = args.dataset or info.get("dataset")
+    if not dataset:
+        raise ValueError(f"{args.run_dir} does not record its training dataset: pass --dataset")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
     run = load_run(args.run_dir, model_spec=args.model)
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
@@ -165,7 +168,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=150, help="training steps per method")
     p.add_argument("--eval-limit", type=int, default=300, help="questions per evaluation set")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: the demo's set)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.set_defaults(func=_cmd_demo)
 
 

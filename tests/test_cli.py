@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bayeslora.cli import build_parser, main
+
+
+def _train(tmp_path, *extra):
+    return main(["train", "--model", "tiny-random-llama", "--dataset", "arith", "--max-steps", "2", "--no-progress",
+                 "--out", str(tmp_path / "run"), *extra])
+
+
+def test_train_then_eval(tmp_path, capsys):
+    assert _train(tmp_path) == 0
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--limit", "12"]) == 0
+    out = tmp_path / "run" / "eval" / "arith-ood-validation"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 12 and 0 <= metrics["acc"] <= 1 and metrics["ece"] >= 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {"id", "probs", "label", "confidence", "epistemic", "aleatoric", "total"} <= rows[0].keys()
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_lists_name_and_description(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.split()[0] == "mle" and len(line.split()) > 2 for line in lines)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--method", "nope", "--model", "tiny-random-llama", "--out", "{tmp}/a"], "Unknown method 'nope'"),
+    (["train", "--dataset", "nope", "--model", "tiny-random-llama", "--out", "{tmp}/b"], "Unknown dataset"),
+    (["train", "--model", "not-a-model", "--out", "{tmp}/c"], "Unknown model spec"),
+    (["train", "--model", "tiny-random-llama", "--batch-size", "0", "--out", "{tmp}/d"], "batch_size"),
+    (["train", "--model", "tiny-random-llama", "--option", "nonsense", "--out", "{tmp}/e"], "KEY=VALUE"),
+    (["train", "--model", "tiny-random-llama", "--option", "zzz=1", "--out", "{tmp}/f"], "Unknown option"),
+    (["train", "--model", "tiny-random-llama", "--samples", "-1", "--out", "{tmp}/g"], "n_samples"),
+    (["eval", "{tmp}/missing"], "does not exist"),
+])
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, args, match):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and match in err
+
+
+def test_eval_of_a_corrupted_run(tmp_path, capsys):
+    assert _train(tmp_path) == 0
+    (tmp_path / "run" / "run.json").write_text("{broken")
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"model": "tiny-random-llama", "method": "mle",
+                                                           "format": "cloze"}))
+    (tmp_path / "run" / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith", "--limit", "2"]) == 2
+    assert "adapter" in capsys.readouterr().err
+
+
+def test_every_subcommand_documents_its_flags():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
