@@ -61,6 +61,7 @@ class Preset:
     eval_limit: int | None  # a fixed random subset of N questions per evaluation set (same for every cell)
     fit_limit: int | None  # training questions a post-hoc method fits on
     eval_batch_size: int = 8
+    test_split: bool = True  # also evaluate on the test split where the task has one (validation always)
     datasets: tuple[str, ...] = DATASETS
     seeds: tuple[int, ...] = (1, 2, 3)
 
@@ -207,6 +208,14 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
+def grid_command(out: Path) -> str:
+    """The command line recorded in ``OUT/grid.json`` (empty when unknown)."""
+    try:
+        return json.loads((Path(out) / GRID_FILE).read_text())["config"].get("command", "")
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+        return ""
+
+
 def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
     """Run one cell; any exception becomes a row with status "error" (the traceback goes to ``cells/KEY.log``)."""
     t0 = time.perf_counter()
@@ -280,7 +289,8 @@ def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) 
     run_dir = Path(config.out) / RUNS_DIR / cell.run_name
     if not _run_done(run_dir):
         t0 = time.perf_counter()
-        bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split="train", data_dir=config.data_dir,
+        # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation)
+        bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None, data_dir=config.data_dir,
                     model=config.model, limit=config.preset.fit_limit, seed=cell.seed)
         timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
     return run_dir
@@ -301,7 +311,7 @@ def eval_sets(config: GridConfig, dataset: str) -> dict[str, list]:
     from ..tasks import DatasetError, is_user_file, load_task
 
     sets = {"validation": load_task(dataset, "validation", config.data_dir)}
-    if not is_user_file(dataset):
+    if config.preset.test_split and not is_user_file(dataset):
         try:
             sets["test"] = load_task(dataset, "test", config.data_dir)
         except DatasetError:
