@@ -62,6 +62,7 @@ class Preset:
     fit_limit: int | None  # training questions a post-hoc method fits on
     eval_batch_size: int = 8
     test_split: bool = True  # also evaluate on the test split where the task has one (validation always)
+    n_samples: int | None = None  # posterior samples of sampling methods (None: each method's default)
     datasets: tuple[str, ...] = DATASETS
     seeds: tuple[int, ...] = (1, 2, 3)
 
@@ -253,6 +254,16 @@ def run_cell(config: GridConfig, cell: Cell) -> dict:
     return {**timings, "run_dir": str(run_dir), "n_samples": run.method.config.n_samples, "metrics": evals}
 
 
+def method_options(config: GridConfig, method: str) -> dict:
+    """The preset's sample count for methods that sample by default; deterministic methods keep theirs (0)."""
+    from ..methods import get_method_class
+
+    n = config.preset.n_samples
+    if n is None or get_method_class(method).config_cls().n_samples == 0:
+        return {}
+    return {"n_samples": n}
+
+
 def _run_done(run_dir: Path) -> bool:
     try:
         return json.loads((run_dir / "run.json").read_text()).get("status") == "done"
@@ -269,9 +280,10 @@ def ensure_trained(config: GridConfig, cell: Cell, timings: dict, prefix: str = 
     if not _run_done(run_dir):
         p = config.preset
         train_config = TrainConfig(model=config.model, dataset=cell.dataset, method=cell.method,
-                                   data_dir=config.data_dir, lr=p.lr, batch_size=p.batch_size,
-                                   max_steps=p.max_steps, warmup_ratio=p.warmup_ratio, max_length=p.max_length,
-                                   train_limit=p.train_limit, save_every=max(50, p.max_steps // 10), seed=cell.seed)
+                                   method_options=method_options(config, cell.method), data_dir=config.data_dir,
+                                   lr=p.lr, batch_size=p.batch_size, max_steps=p.max_steps,
+                                   warmup_ratio=p.warmup_ratio, max_length=p.max_length, train_limit=p.train_limit,
+                                   save_every=max(50, p.max_steps // 10), seed=cell.seed)
         train(train_config, run_dir, resume=run_dir.exists(), progress=False)
     info = json.loads((run_dir / "run.json").read_text())
     timings[f"{prefix}train_time_s"] = info.get("train_time_s")
@@ -290,7 +302,8 @@ def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) 
     if not _run_done(run_dir):
         t0 = time.perf_counter()
         # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation)
-        bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None, data_dir=config.data_dir,
+        bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None,
+                    options=method_options(config, cell.method), data_dir=config.data_dir,
                     model=config.model, limit=config.preset.fit_limit, seed=cell.seed)
         timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
     return run_dir
