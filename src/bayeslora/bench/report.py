@@ -218,6 +218,11 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
         "pre{background:#f5f5f5;padding:8px;white-space:pre-wrap}")
 
 
+# Marks the page with how many images the browser decoded (checked by the headless-browser test).
+_LOAD_CHECK = ("window.addEventListener('load',function(){var n=0;for(const i of document.images)"
+               "{if(i.complete&&i.naturalWidth>0)n++;}document.body.dataset.imagesDecoded=n;});")
+
+
 def html_report(rows: list[dict], figures: list[Path], title: str, command: str = "") -> str:
     """One self-contained page: the tables and every figure inlined as a base64 PNG."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -242,7 +247,7 @@ def html_report(rows: list[dict], figures: list[Path], title: str, command: str 
             alt = html.escape(Path(path).stem)
             parts.append(f'<img alt="{alt}" title="{alt}" src="data:image/png;base64,{data}">')
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}<script>{_LOAD_CHECK}</script></body></html>\n")
 
 
 def write_report(out: Path, title: str = "bayeslora calibration benchmark", command: str = "") -> dict[str, Path]:
