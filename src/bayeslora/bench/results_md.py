@@ -99,7 +99,8 @@ def calibration_fragment(grid_dir: Path) -> str:
     preset = saved["config"]["preset"]
     cfg = saved["config"]
     env = environment()
-    cells = ", ".join(f"{k}: {', '.join(map(str, cfg[k]))}" for k in ("methods", "datasets", "seeds"))
+    cells = "; ".join(f"{k}s: {', '.join(dict.fromkeys(str(r[k]) for r in rows))}"
+                      for k in ("method", "dataset", "seed"))
     lines = [
         "## Calibration benchmark (`bayeslora bench calibration`)",
         "",
