@@ -142,6 +142,19 @@ def test_report_files(grid):
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "boom in prepare" in page
 
 
+def test_subprocess_cell_error_row(grid):
+    """The child-process path end to end: the child reports the failure of an unknown method as a row."""
+    row = grid_mod.run_cell_subprocess(grid["config"], Cell("no-such-method", "arith", 1))
+    assert row["status"] == "error" and "no-such-method" in row["error"] and row["peak_rss_mb"] > 0
+
+
+def test_subprocess_hard_crash_is_recorded(grid, monkeypatch):
+    monkeypatch.setattr(grid_mod, "CELL_COMMAND", [sys.executable, "-c", "import sys; print('dying'); sys.exit(137)"])
+    row = grid_mod.run_cell_subprocess(grid["config"], Cell("mle", "arith", 7))
+    assert row["status"] == "error" and "exited with code 137" in row["error"]
+    assert "dying" in (grid["out"] / "cells" / "mle__arith__s7.log").read_text()
+
+
 def test_make_config_errors(tmp_path):
     with pytest.raises(GridError, match="Unknown preset"):
         make_config(str(tmp_path), "huge")

@@ -39,6 +39,9 @@ def _calibration_parser(bench) -> None:
                    help="extra OOD .jsonl/.csv file evaluated against the OBQA cells (repeatable)")
     p.add_argument("--model", default="smollm2-135m", help="base model spec")
     p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $BAYESLORA_DATA)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the cells in this process (default: one child process per cell, for per-cell peak "
+                   "memory and isolation from hard crashes)")
     p.set_defaults(func=_cmd_calibration)
 
 
@@ -51,7 +54,7 @@ def _cmd_calibration(args) -> int:
                          datasets=_csv(args.datasets) if args.datasets else None,
                          seeds=_seeds(args.seeds) if args.seeds else None, ood_files=args.ood, model=args.model,
                          data_dir=args.data_dir, command=command)
-    rows = run_grid(config, log=lambda msg: print(msg, flush=True))
+    rows = run_grid(config, log=lambda msg: print(msg, flush=True), subprocesses=not args.in_process)
     paths = write_report(Path(args.out), command=command)
     failed = [r for r in rows if r.get("status") != "ok"]
     print(f"{len(rows) - len(failed)} cell(s) ok, {len(failed)} failed; wrote {paths['table']}, {paths['html']}")

@@ -177,8 +177,12 @@ def cells(config: GridConfig) -> list[Cell]:
 
 
 # -- the runner ---------------------------------------------------------------------------------------------------
-def run_grid(config: GridConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Run every unfinished cell; returns all rows (finished earlier or now) in grid order."""
+def run_grid(config: GridConfig, log: Callable[[str], None] = print, subprocesses: bool = False) -> list[dict]:
+    """Run every unfinished cell; returns all rows (finished earlier or now) in grid order.
+
+    With ``subprocesses`` each cell runs in a fresh Python process: its peak memory is its own (not the high-water
+    mark of the cells before it) and a hard crash (killed for memory, a segfault) fails only that cell.
+    """
     out = Path(config.out)
     _check_protocol(out, config)
     todo = cells(config)
@@ -188,7 +192,7 @@ def run_grid(config: GridConfig, log: Callable[[str], None] = print) -> list[dic
             log(f"[{i}/{len(todo)}] {cell.key}: done earlier, skipped")
             continue
         log(f"[{i}/{len(todo)}] {cell.key}: running")
-        row = run_cell_isolated(config, cell)
+        row = run_cell_subprocess(config, cell) if subprocesses else run_cell_isolated(config, cell)
         write_cell(out, cell, row)
         write_results(out, config)
         status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
@@ -237,6 +241,46 @@ def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
     if torch.cuda.is_available():
         row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return row
+
+
+#: how a cell's process is started (the module's ``main`` runs one cell); a list so tests can replace it
+CELL_COMMAND = [sys.executable, "-m", "bayeslora.bench.grid"]
+
+
+def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
+    """Run one cell in a child process (see :func:`run_grid`); a child that dies becomes an error row."""
+    import subprocess
+
+    out = Path(config.out)
+    request = out / CELLS_DIR / f"{cell.key}.request.json"
+    atomic_write_text(request, json.dumps({"config": asdict(config), "cell": asdict(cell)}))
+    result_path = out / CELLS_DIR / f"{cell.key}.child.json"
+    result_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([*CELL_COMMAND, str(request), str(result_path)], capture_output=True, text=True)
+    request.unlink(missing_ok=True)
+    if proc.returncode == 0 and result_path.is_file():
+        row = json.loads(result_path.read_text())
+        result_path.unlink()
+        return row
+    atomic_write_text(out / CELLS_DIR / f"{cell.key}.log", proc.stdout[-20000:] + proc.stderr[-20000:])
+    return {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed, "status": "error",
+            "error": f"the cell's process exited with code {proc.returncode} (output in {cell.key}.log)",
+            "wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def config_from_dict(values: dict) -> GridConfig:
+    preset = {k: tuple(v) if isinstance(v, list) else v for k, v in values["preset"].items()}
+    return GridConfig(**{**values, "preset": Preset(**preset)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry: ``python -m bayeslora.bench.grid REQUEST.json RESULT.json`` runs one cell."""
+    request_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
+    request = json.loads(Path(request_path).read_text())
+    row = run_cell_isolated(config_from_dict(request["config"]), Cell(**request["cell"]))
+    atomic_write_text(Path(result_path), json.dumps(_clean(row)))
+    return 0
 
 
 def run_cell(config: GridConfig, cell: Cell) -> dict:
@@ -446,3 +490,7 @@ def _clean(value):
 
 
 __all__ = ["DATASETS", "PRESETS", "Cell", "GridConfig", "GridError", "Preset", "cells", "make_config", "run_grid"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
