@@ -72,10 +72,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # OBQA questions and ~1.6 CPU-s per evaluated question and posterior sample, i.e. ~5 min per deterministic cell
     # and ~10 min per 4-sample cell on 2 dedicated cores: MLE + ~8 methods fit in about an hour.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
-           "questions, a fixed 50-question subset of OBQA validation and of the ARC-C / ARC-E test sets (OOD), "
-           "4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
-           max_length=256, train_limit=None, eval_limit=50, fit_limit=200, test_split=False, n_samples=4,
-           datasets=("obqa",), seeds=(1,)),
+           "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
+           "(OOD), 4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
+           max_length=256, train_limit=None, eval_limit=40, fit_limit=200, n_samples=4, datasets=("obqa",),
+           seeds=(1,)),
     # The BLoB paper's protocol (reference scripts scripts/*/...-llama-all.sh): 5000 steps of batch 4, lr 1e-4,
     # warmup 6%, 300 tokens, LoRA r 8 / alpha 16 on q, v and the LM head, seeds 1-3, full evaluation sets.
     Preset("full", "The papers' protocol for a GPU: 5000 steps of 4 questions, lr 1e-4, full evaluation sets, "
