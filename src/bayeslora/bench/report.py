@@ -119,7 +119,9 @@ def tables_markdown(rows: list[dict]) -> str:
     """The whole Markdown report body: in-distribution (validation, test), OOD, cost, failed cells."""
     n_seeds = len(_order(r["seed"] for r in _ok(rows)))
     parts = [f"Mean ± sample std over seeds ({n_seeds} seed(s) in this grid; no ± with one seed). "
-             "ECE with 15 equal-width bins, in percent. AURC: area under the risk-coverage curve (lower is better)."]
+             "ECE with 15 equal-width bins, in percent. AURC: area under the risk-coverage curve (lower is better). "
+             "Post-hoc methods fit on their own default split (temperature scaling: validation), so for them the "
+             "test split is the clean comparison."]
     for split in ("validation", "test"):
         tables = metric_tables(rows, split)
         if tables:
