@@ -136,6 +136,7 @@ def test_report_files(grid):
     table = paths["table"].read_text()
     assert "| mle |" in table
     assert "ECE (%)" in table and "AUROC epistemic" in table and "### Failed cells" in table
+    assert "| arith / mle |" in table and "| arith / bench-posthoc |" in table and "| arith-ood / mle |" in table
     figures = sorted(p.name for p in paths["figures"].iterdir())
     assert figures == ["reliability_bench-posthoc-arith.png", "reliability_mle-arith.png", "risk_coverage_arith.png"]
     page = paths["html"].read_text()
@@ -173,7 +174,8 @@ def test_table_mean_std_over_seeds():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
     assert mean_std([1.0])[1] is None
     md = tables_markdown(rows)
-    assert "| mle | 60.00 ± 14.14 |" in md and "| mle | 15.00 ± 7.07 |" in md
+    assert "| dataset / method | ACC (%) | ECE (%) | NLL |" in md
+    assert "| d / mle | 60.00 ± 14.14 | 15.00 ± 7.07 | – |" in md
     assert "- x / d / seed 1: E" in md
     assert markdown_table({"columns": ["a"], "rows": {"m": ["1"]}}) == "| method | a |\n|---|---:|\n| m | 1 |"
 

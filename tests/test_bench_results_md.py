@@ -25,7 +25,7 @@ def test_fragment_has_command_hardware_versions_and_table(tmp_path):
     env = environment()
     assert "`bayeslora bench calibration --out g`" in text
     assert env["cpu"] in text and f"torch {env['torch']}" in text and "preset `cpu-small`" in text
-    assert "| mle | 50.00 |" in text and "| mle | 12.50 |" in text
+    assert "| obqa / mle | 50.00 | 12.50 | 1.100 |" in text
 
 
 def test_results_md_orders_fragments_and_separates_published(tmp_path):

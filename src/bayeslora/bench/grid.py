@@ -68,9 +68,10 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # Sized from measurements on the real model (docs/results/calibration.md): ~15 CPU-s per training step of 8
-    # OBQA questions and ~1.6 CPU-s per evaluated question and posterior sample, i.e. ~5 min per deterministic cell
-    # and ~10 min per 4-sample cell on 2 dedicated cores: MLE + ~8 methods fit in about an hour.
+    # Sized from the smoke cell on the real model (docs/results/calibration.md, a 2-core machine shared with other
+    # jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s; 432 s in all,
+    # 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of evaluation), a
+    # post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc methods ~ 1 h.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
            "(OOD), 4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
@@ -215,6 +216,18 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
+def git_commit() -> str:
+    """Short commit of the bayeslora source that runs (``unknown`` outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def grid_command(out: Path) -> str:
     """The command line recorded in ``OUT/grid.json`` (empty when unknown)."""
     try:
@@ -235,6 +248,7 @@ def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
         log_path = Path(config.out) / CELLS_DIR / f"{cell.key}.log"
         atomic_write_text(log_path, traceback.format_exc())
     row["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    row["commit"] = git_commit()
     # ru_maxrss is the process's high-water mark (KiB on Linux): with cells run in one process it is the peak
     # over this cell and those before it.
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -53,39 +53,47 @@ def _order(items) -> list:
     return list(dict.fromkeys(items))
 
 
-def metric_tables(rows: list[dict], split: str, metrics=METRICS) -> dict[str, dict]:
-    """``{title: {"columns": [dataset...], "rows": {method: [cell text...]}}}`` for one evaluation set name."""
+def split_table(rows: list[dict], split: str, metrics=METRICS) -> dict | None:
+    """Rows ``dataset / method`` (grouped by dataset), columns the metrics, cells mean ± std over seeds.
+
+    ``split`` is an evaluation-set name of the rows' metrics: "validation", "test" or "ood" (every ``ood:NAME`` set,
+    one row per set and method). ``None`` when no row has it.
+    """
     rows = _ok(rows)
+    names = ([n for n in _order(k for r in rows for k in r.get("metrics", {})) if n.startswith("ood:")]
+             if split == "ood" else [split])
+    values: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        for name in names:
+            if name in r.get("metrics", {}):
+                values[(r["dataset"] if split != "ood" else name.removeprefix("ood:"), r["method"])].append(
+                    r["metrics"][name])
+    if not values:
+        return None
+    datasets = _order(d for d, _ in values)
     methods = _order(r["method"] for r in rows)
-    datasets = _order(r["dataset"] for r in rows if split in r.get("metrics", {}))
-    tables = {}
-    for key, title, scale, decimals in metrics:
-        values: dict[tuple[str, str], list] = defaultdict(list)
-        for r in rows:
-            if split in r.get("metrics", {}):
-                values[(r["method"], r["dataset"])].append(r["metrics"][split].get(key))
-        body = {m: [format_cell(values[(m, d)], scale, decimals) if values[(m, d)] else "–" for d in datasets]
-                for m in methods if any(values[(m, d)] for d in datasets)}
-        if body:
-            tables[title] = {"columns": datasets, "rows": body}
-    return tables
+    body = {f"{d} / {m}": [format_cell([v.get(key) for v in values[(d, m)]], scale, decimals)
+                           for key, _, scale, decimals in metrics]
+            for d in datasets for m in methods if (d, m) in values}
+    return {"columns": [title for _, title, _, _ in metrics], "rows": body}
 
 
-def ood_tables(rows: list[dict]) -> dict[str, dict]:
-    """Columns = OOD sets (``ood:NAME``) of the cells trained on the OOD training task."""
-    rows = _ok(rows)
-    names = _order(k for r in rows for k in r.get("metrics", {}) if k.startswith("ood:"))
-    methods = _order(r["method"] for r in rows)
-    tables = {}
-    for key, title, scale, decimals in OOD_METRICS:
-        body = {}
-        for m in methods:
-            cols = [[r["metrics"][n].get(key) for r in rows if r["method"] == m and n in r["metrics"]] for n in names]
-            if any(cols):
-                body[m] = [format_cell(c, scale, decimals) if c else "–" for c in cols]
-        if body:
-            tables[title] = {"columns": [n.removeprefix("ood:") for n in names], "rows": body}
-    return tables
+SECTIONS = (("validation", "In-distribution, validation split", METRICS),
+            ("test", "In-distribution, test split", METRICS),
+            ("ood", "Out-of-distribution (cells trained on the OOD training task, e.g. OBQA; AUROC of OOD vs "
+                    "in-distribution test questions by epistemic uncertainty and by predictive entropy)", OOD_METRICS))
+
+
+def sections(rows: list[dict]) -> list[tuple[str, dict, str]]:
+    """``(title, table, corner label)`` of every non-empty table, the cost table last."""
+    out = []
+    for split, title, metrics in SECTIONS:
+        table = split_table(rows, split, metrics)
+        if table is not None:
+            out.append((title, table, "OOD set / method" if split == "ood" else "dataset / method"))
+    if _ok(rows):
+        out.append(("Cost per cell (mean over the method's cells)", cost_table(rows), "method"))
+    return out
 
 
 def cost_table(rows: list[dict]) -> dict:
@@ -115,25 +123,16 @@ def failures(rows: list[dict]) -> list[str]:
             if r.get("status") != "ok"]
 
 
+INTRO = ("Mean ± sample std over seeds (no ± with one seed). ECE with 15 equal-width bins, in percent. AURC: area "
+         "under the risk-coverage curve (lower is better); ACC @80% cov.: accuracy on the 80% most confident "
+         "questions. Post-hoc methods fit on their own default split (temperature scaling: validation), so for them "
+         "the test split is the clean comparison.")
+
+
 def tables_markdown(rows: list[dict]) -> str:
-    """The whole Markdown report body: in-distribution (validation, test), OOD, cost, failed cells."""
-    n_seeds = len(_order(r["seed"] for r in _ok(rows)))
-    parts = [f"Mean ± sample std over seeds ({n_seeds} seed(s) in this grid; no ± with one seed). "
-             "ECE with 15 equal-width bins, in percent. AURC: area under the risk-coverage curve (lower is better). "
-             "Post-hoc methods fit on their own default split (temperature scaling: validation), so for them the "
-             "test split is the clean comparison."]
-    for split in ("validation", "test"):
-        tables = metric_tables(rows, split)
-        if tables:
-            parts.append(f"### In-distribution, {split} split")
-            parts += [f"**{title}**\n\n{markdown_table(t)}" for title, t in tables.items()]
-    ood = ood_tables(rows)
-    if ood:
-        parts.append("### Out-of-distribution (trained on the OOD training task; AUROC: OOD vs in-distribution "
-                     "test questions)")
-        parts += [f"**{title}**\n\n{markdown_table(t)}" for title, t in ood.items()]
-    if _ok(rows):
-        parts.append("### Cost per cell\n\n" + markdown_table(cost_table(rows)))
+    """The Markdown report body: in-distribution (validation, test), OOD, cost, failed cells."""
+    parts = [INTRO]
+    parts += [f"### {title}\n\n{markdown_table(table, corner)}" for title, table, corner in sections(rows)]
     failed = failures(rows)
     if failed:
         parts.append("### Failed cells\n\n" + "\n".join(f"- {f}" for f in failed))
@@ -230,15 +229,9 @@ def html_report(rows: list[dict], figures: list[Path], title: str, command: str 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if command:
         parts.append(f"<p>Command:</p><pre>{html.escape(command)}</pre>")
-    parts.append("<p>Mean ± sample std over seeds. ECE in percent (15 bins). AURC: area under the risk-coverage "
-                 "curve (lower is better).</p>")
-    for split in ("validation", "test"):
-        for name, t in metric_tables(rows, split).items():
-            parts.append(f"<h3>{html.escape(name)}: in-distribution, {split}</h3>{_html_table(t)}")
-    for name, t in ood_tables(rows).items():
-        parts.append(f"<h3>{html.escape(name)}: out-of-distribution</h3>{_html_table(t)}")
-    if _ok(rows):
-        parts.append(f"<h3>Cost per cell</h3>{_html_table(cost_table(rows))}")
+    parts.append(f"<p>{html.escape(INTRO)}</p>")
+    parts += [f"<h3>{html.escape(heading)}</h3>{_html_table(table, corner)}"
+              for heading, table, corner in sections(rows)]
     failed = failures(rows)
     if failed:
         parts.append("<h3>Failed cells</h3><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in failed) + "</ul>")

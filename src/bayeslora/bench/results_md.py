@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io_utils import atomic_write_text
-from .grid import GRID_FILE, grid_command, read_results
+from .grid import GRID_FILE, git_commit, grid_command, read_results
 from .report import tables_markdown
 
 RESULTS_DIR = "results"
@@ -76,16 +76,7 @@ def environment() -> dict[str, str]:
             versions[name] = "not installed"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": cpu_model(), "cores": str(cores), "gpu": gpu, **versions, "commit": _git_commit()}
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return {"cpu": cpu_model(), "cores": str(cores), "gpu": gpu, **versions}
 
 
 # -- the calibration fragment ---------------------------------------------------------------------------------------
@@ -99,6 +90,9 @@ def calibration_fragment(grid_dir: Path) -> str:
     preset = saved["config"]["preset"]
     cfg = saved["config"]
     env = environment()
+    commits = ", ".join(dict.fromkeys(r["commit"] for r in rows if r.get("commit")))
+    commits = f"bayeslora commit(s) of the cells {commits}" if commits else \
+        f"bayeslora commit {git_commit()} (when this report was generated)"
     cells = "; ".join(f"{k}s: {', '.join(dict.fromkeys(str(r[k]) for r in rows))}"
                       for k in ("method", "dataset", "seed"))
     lines = [
@@ -111,7 +105,7 @@ def calibration_fragment(grid_dir: Path) -> str:
         "",
         f"Hardware: {env['cpu']}, {env['cores']} cores, GPU {env['gpu']} (shared machine: wall times are upper "
         f"bounds). Versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"peft {env['peft']}, accelerate {env['accelerate']}; bayeslora commit {env['commit']}. "
+        f"peft {env['peft']}, accelerate {env['accelerate']}; {commits}. "
         f"Generated {datetime.date.today().isoformat()}.",
         "",
         tables_markdown(rows).replace("### ", "#### "),
