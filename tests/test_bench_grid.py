@@ -57,12 +57,16 @@ fake_bayesianize.calls = []
 def grid(tmp_path_factory):
     """One grid of mle, a crashing method and a post-hoc method on the built-in task (OOD: arith-ood)."""
     out = tmp_path_factory.mktemp("grid")
+    ood_file = out.parent / "colors.jsonl"
+    ood_file.write_text("".join(json.dumps({"question": f"Color {i}?", "choices": ["red", "blue", "green"],
+                                            "answer": i % 3}) + "\n" for i in range(6)))
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(METHODS, Crash.name, Crash)
         mp.setitem(METHODS, FakePosthoc.name, FakePosthoc)
         mp.setitem(sys.modules, "bayeslora.posthoc", types.SimpleNamespace(bayesianize=fake_bayesianize))
         config = make_config(str(out), TINY, methods=["bench-posthoc", "bench-crash", "mle"],
-                             model="tiny-random-llama", ood_train="arith", ood_tasks=["arith-ood"], command="test")
+                             model="tiny-random-llama", ood_train="arith", ood_tasks=["arith-ood"], command="test",
+                             ood_files=[str(ood_file)])
         logs: list[str] = []
         rows = run_grid(config, log=logs.append)
         yield {"out": out, "config": config, "rows": rows, "logs": logs, "mp": mp}
@@ -80,7 +84,8 @@ def test_rows_have_metrics_times_and_memory(grid):
     rows = by_method(read_results(grid["out"]))
     mle = rows["mle"]
     assert mle["status"] == "ok" and mle["steps"] == 2
-    assert set(mle["metrics"]) == {"validation", "test", "ood:arith-ood"}
+    assert set(mle["metrics"]) == {"validation", "test", "ood:arith-ood", "ood:colors"}
+    assert mle["metrics"]["ood:colors"]["n"] == 6 and mle["metrics"]["ood:colors"]["ood_reference"] == "test"
     val = mle["metrics"]["validation"]
     for key in ("acc", "ece", "nll", "brier", "aurc", "acc_at_80cov", "eval_time_s"):
         assert isinstance(val[key], float), key
@@ -137,6 +142,7 @@ def test_report_files(grid):
     assert "| mle |" in table
     assert "ECE (%)" in table and "AUROC epistemic" in table and "### Failed cells" in table
     assert "| arith / mle |" in table and "| arith / bench-posthoc |" in table and "| arith-ood / mle |" in table
+    assert "| colors / mle |" in table
     figures = sorted(p.name for p in paths["figures"].iterdir())
     assert figures == ["reliability_bench-posthoc-arith.png", "reliability_mle-arith.png", "risk_coverage_arith.png"]
     page = paths["html"].read_text()
@@ -163,6 +169,8 @@ def test_make_config_errors(tmp_path):
         make_config(str(tmp_path), TINY, methods=["nope"])
     with pytest.raises(GridError, match="Unknown dataset"):
         make_config(str(tmp_path), TINY, methods=["mle"], datasets=["nope"])
+    with pytest.raises(GridError, match="one split"):
+        make_config(str(tmp_path), TINY, methods=["mle"], datasets=["questions.jsonl"])
     with pytest.raises(GridError, match="does not exist"):
         make_config(str(tmp_path), TINY, methods=["mle"], ood_files=[str(tmp_path / "missing.jsonl")])
 

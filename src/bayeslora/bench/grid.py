@@ -142,9 +142,13 @@ def make_config(out: str, preset: str | Preset = "cpu-small", methods: list[str]
     datasets = list(datasets) if datasets else list(chosen.datasets)
     from ..tasks import TASKS, is_user_file
 
-    bad = [d for d in datasets if d not in TASKS and not is_user_file(d)]
+    files = [d for d in datasets if is_user_file(d)]
+    if files:
+        raise GridError(f"A user file is one split (it would be trained and evaluated on the same questions): "
+                        f"{files}; pass it with --ood, or give registered task names as --datasets")
+    bad = [d for d in datasets if d not in TASKS]
     if bad:
-        raise GridError(f"Unknown dataset(s) {bad}; expected names from `bayeslora tasks` or .jsonl/.csv files")
+        raise GridError(f"Unknown dataset(s) {bad}; expected names from `bayeslora tasks`")
     seeds = list(seeds) if seeds else list(chosen.seeds)
     if any(not isinstance(s, int) or s < 0 for s in seeds):
         raise GridError(f"Expected non-negative integer seeds, but got {seeds}")
@@ -381,10 +385,10 @@ def subsample(examples: list, limit: int | None, seed: int = 0) -> list:
 
 def eval_sets(config: GridConfig, dataset: str) -> dict[str, list]:
     """In-distribution evaluation sets of ``dataset``: validation, and test where the task has one."""
-    from ..tasks import DatasetError, is_user_file, load_task
+    from ..tasks import DatasetError, load_task
 
     sets = {"validation": load_task(dataset, "validation", config.data_dir)}
-    if config.preset.test_split and not is_user_file(dataset):
+    if config.preset.test_split:
         try:
             sets["test"] = load_task(dataset, "test", config.data_dir)
         except DatasetError:
