@@ -14,7 +14,6 @@ from bayeslora.bench import grid as grid_mod
 from bayeslora.bench.grid import Cell, GridError, Preset, make_config, read_results, run_grid
 from bayeslora.bench.report import markdown_table, mean_std, tables_markdown, write_report
 from bayeslora.methods import METHODS, BayesianMethod, MethodConfig
-from bayeslora.methods.mle import MLE  # noqa: F401 - the registered baseline
 
 TINY = Preset("tiny", "test preset", max_steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0, max_length=48,
               train_limit=16, eval_limit=10, fit_limit=8, eval_batch_size=5, datasets=("arith",), seeds=(1,))

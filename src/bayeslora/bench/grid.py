@@ -19,6 +19,7 @@ import json
 import math
 import re
 import resource
+import subprocess
 import sys
 import time
 import traceback
@@ -222,8 +223,6 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
 
 def git_commit() -> str:
     """Short commit of the bayeslora source that runs (``unknown`` outside a git checkout)."""
-    import subprocess
-
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).parent)
@@ -267,8 +266,6 @@ CELL_COMMAND = [sys.executable, "-m", "bayeslora.bench.grid"]
 
 def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
     """Run one cell in a child process (see :func:`run_grid`); a child that dies becomes an error row."""
-    import subprocess
-
     out = Path(config.out)
     request = out / CELLS_DIR / f"{cell.key}.request.json"
     atomic_write_text(request, json.dumps({"config": asdict(config), "cell": asdict(cell)}))
