@@ -29,7 +29,8 @@ def _calibration_parser(bench) -> None:
     p = bench.add_parser("calibration", help="methods x datasets x seeds calibration grid with a report",
                          description="Train (or Bayesianize post hoc) and evaluate every method x dataset x seed "
                          "cell; resumable (finished cells are skipped), a failed cell is recorded and the grid goes "
-                         f"on. Writes OUT/results.jsonl, table.md, figures/*.png and report.html. Presets: {presets}")
+                         f"on (exit status 1 when a cell failed). Writes OUT/results.jsonl, table.md, figures/*.png and "
+                         f"report.html. Presets: {presets}")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS), help="budget preset")
     p.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: every registered method)")
