@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= $(abspath ../shared/data)
 export BAYESLORA_DATA ?= $(DATA)
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bayeslora demo --out runs/demo
 
-test: $(STAMP)
+# The HTML-report test opens a real headless browser: Debian's chromium (idempotent; ~1 min on first install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:

@@ -1,0 +1,511 @@
+"""The calibration grid: methods x datasets x seeds, each cell trained (or Bayesianized post hoc) and evaluated.
+
+Resumable and crash-isolated: every cell writes ``cells/KEY.json`` atomically when it finishes (``status`` "ok" or
+"error" with the message); ``results.jsonl`` is rewritten atomically from those files after each cell. A rerun with
+the same ``--out`` skips the cells whose status is "ok", retries failed ones, and reuses finished training runs.
+
+Layout of ``OUT/``::
+
+    grid.json              resolved protocol (preset, model, command line); a rerun must match it
+    results.jsonl          one row per cell: every metric per evaluation set, wall times, peak memory
+    cells/KEY.json         the same row, one file per cell (the source of truth for resuming)
+    cells/KEY/*.safetensors  per-example probabilities and uncertainties of each evaluation set (for the plots)
+    runs/METHOD-DATASET-sSEED/  the run directories (post-hoc methods start from runs/mle-DATASET-sSEED)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from ..io_utils import atomic_write_bytes, atomic_write_text
+from ..predictive import Predictive
+from .ood import OOD_TASKS, OOD_TRAIN_TASK, ood_auroc
+from .selective import selective_summary
+
+DATASETS = ("arc-e", "arc-c", "obqa", "boolq", "wg-s", "wg-m")
+CELLS_DIR = "cells"
+RUNS_DIR = "runs"
+RESULTS_FILE = "results.jsonl"
+GRID_FILE = "grid.json"
+MLE = "mle"
+
+
+class GridError(ValueError):
+    """An invalid grid request (unknown preset, method or dataset; an output folder of another protocol)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A training/evaluation budget. ``None`` limits mean the whole split."""
+
+    name: str
+    description: str
+    max_steps: int  # optimizer steps per trained cell
+    batch_size: int  # questions per step
+    lr: float
+    warmup_ratio: float
+    max_length: int  # tokens per row
+    train_limit: int | None  # first N training questions
+    eval_limit: int | None  # a fixed random subset of N questions per evaluation set (same for every cell)
+    fit_limit: int | None  # training questions a post-hoc method fits on
+    eval_batch_size: int = 8
+    test_split: bool = True  # also evaluate on the test split where the task has one (validation always)
+    n_samples: int | None = None  # posterior samples of sampling methods (None: each method's default)
+    datasets: tuple[str, ...] = DATASETS
+    seeds: tuple[int, ...] = (1, 2, 3)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # Sized from the smoke cell on the real model (docs/results/calibration.md, a 2-core machine shared with other
+    # jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s; 432 s in all,
+    # 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of evaluation), a
+    # post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc methods ~ 1 h.
+    Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
+           "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
+           "(OOD), 4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
+           max_length=256, train_limit=None, eval_limit=40, fit_limit=200, n_samples=4, datasets=("obqa",),
+           seeds=(1,)),
+    # The BLoB paper's protocol (reference scripts scripts/*/...-llama-all.sh): 5000 steps of batch 4, lr 1e-4,
+    # warmup 6%, 300 tokens, LoRA r 8 / alpha 16 on q, v and the LM head, seeds 1-3, full evaluation sets.
+    Preset("full", "The papers' protocol for a GPU: 5000 steps of 4 questions, lr 1e-4, full evaluation sets, "
+           "all six datasets, seeds 1-3", max_steps=5000, batch_size=4, lr=1e-4, warmup_ratio=0.06, max_length=300,
+           train_limit=None, eval_limit=None, fit_limit=None, eval_batch_size=16),
+)}
+
+
+@dataclass
+class GridConfig:
+    out: str
+    preset: Preset
+    methods: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    ood_files: list[str] = field(default_factory=list)
+    model: str = "smollm2-135m"
+    data_dir: str | None = None
+    command: str = ""
+    ood_train: str = OOD_TRAIN_TASK  # cells of this dataset are also evaluated out of distribution
+    ood_tasks: list[str] = field(default_factory=lambda: list(OOD_TASKS))
+
+    def protocol(self) -> dict:
+        """What a rerun in the same folder must keep: results of another budget or model are not comparable."""
+        return {"preset": asdict(self.preset) | {"datasets": None, "seeds": None}, "model": self.model,
+                "ood_train": self.ood_train}
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    dataset: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}__{_safe(self.dataset)}__s{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.method}-{_safe(self.dataset)}-s{self.seed}"
+
+
+def _safe(name: str) -> str:
+    stem = Path(name).stem if name.endswith((".jsonl", ".json", ".csv")) else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
+
+
+def make_config(out: str, preset: str | Preset = "cpu-small", methods: list[str] | None = None,
+                datasets: list[str] | None = None, seeds: list[int] | None = None, ood_files: list[str] | None = None,
+                model: str = "smollm2-135m", data_dir: str | None = None, command: str = "",
+                ood_train: str = OOD_TRAIN_TASK, ood_tasks: list[str] | None = None) -> GridConfig:
+    """Validate the request and fill defaults: methods = every registered method (MLE first, post-hoc last)."""
+    from ..methods import METHODS
+
+    if not isinstance(preset, Preset) and preset not in PRESETS:
+        raise GridError(f"Unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    chosen = preset if isinstance(preset, Preset) else PRESETS[preset]
+    methods = list(methods) if methods else default_methods()
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise GridError(f"Unknown method(s) {unknown}; registered: {sorted(METHODS)}")
+    datasets = list(datasets) if datasets else list(chosen.datasets)
+    from ..tasks import TASKS, is_user_file
+
+    files = [d for d in datasets if is_user_file(d)]
+    if files:
+        raise GridError(f"A user file is one split (it would be trained and evaluated on the same questions): "
+                        f"{files}; pass it with --ood, or give registered task names as --datasets")
+    bad = [d for d in datasets if d not in TASKS]
+    if bad:
+        raise GridError(f"Unknown dataset(s) {bad}; expected names from `bayeslora tasks`")
+    seeds = list(seeds) if seeds else list(chosen.seeds)
+    if any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise GridError(f"Expected non-negative integer seeds, but got {seeds}")
+    for path in ood_files or []:
+        if not Path(path).is_file():
+            raise GridError(f"OOD file {path} does not exist")
+    if ood_files and ood_train not in datasets:
+        raise GridError(f"--ood files are evaluated against the cells trained on {ood_train!r}, which is not among "
+                        f"the datasets {datasets}")
+    return GridConfig(out=str(out), preset=chosen, methods=_ordered(methods), datasets=datasets, seeds=seeds,
+                      ood_files=list(ood_files or []), model=model, data_dir=data_dir, command=command,
+                      ood_train=ood_train, ood_tasks=list(OOD_TASKS if ood_tasks is None else ood_tasks))
+
+
+def default_methods() -> list[str]:
+    from ..methods import METHODS
+
+    return _ordered(list(METHODS))
+
+
+def _ordered(methods: list[str]) -> list[str]:
+    """MLE first (post-hoc methods start from its runs), then trained methods, then post-hoc ones."""
+    from ..methods import METHODS
+
+    unique = list(dict.fromkeys(methods))
+    return sorted(unique, key=lambda m: (m != MLE, bool(getattr(METHODS[m], "posthoc", False)), m))
+
+
+def cells(config: GridConfig) -> list[Cell]:
+    return [Cell(m, d, s) for m in config.methods for d in config.datasets for s in config.seeds]
+
+
+# -- the runner ---------------------------------------------------------------------------------------------------
+def run_grid(config: GridConfig, log: Callable[[str], None] = print, subprocesses: bool = False) -> list[dict]:
+    """Run every unfinished cell; returns all rows (finished earlier or now) in grid order.
+
+    With ``subprocesses`` each cell runs in a fresh Python process: its peak memory is its own (not the high-water
+    mark of the cells before it) and a hard crash (killed for memory, a segfault) fails only that cell.
+    """
+    out = Path(config.out)
+    _check_protocol(out, config)
+    todo = cells(config)
+    for i, cell in enumerate(todo, 1):
+        done = read_cell(out, cell)
+        if done is not None and done.get("status") == "ok":
+            log(f"[{i}/{len(todo)}] {cell.key}: done earlier, skipped")
+            continue
+        log(f"[{i}/{len(todo)}] {cell.key}: running")
+        row = run_cell_subprocess(config, cell) if subprocesses else run_cell_isolated(config, cell)
+        write_cell(out, cell, row)
+        write_results(out, config)
+        status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
+        log(f"[{i}/{len(todo)}] {cell.key}: {status} in {row['wall_time_s']:.1f} s")
+    return collect_rows(out, config)
+
+
+def _check_protocol(out: Path, config: GridConfig) -> None:
+    path = out / GRID_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GridError(f"{path} is not valid JSON ({exc.msg}); remove it or choose another --out") from None
+        if saved.get("protocol") != config.protocol():
+            raise GridError(f"{out} holds a grid with another preset or model ({saved.get('protocol', {})}); "
+                            f"choose another --out")
+    record = {"protocol": config.protocol(), "config": asdict(config), "python": sys.version.split()[0],
+              "torch": torch.__version__}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def git_commit() -> str:
+    """Short commit of the bayeslora source that runs (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def grid_command(out: Path) -> str:
+    """The command line recorded in ``OUT/grid.json`` (empty when unknown)."""
+    try:
+        return json.loads((Path(out) / GRID_FILE).read_text())["config"].get("command", "")
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+        return ""
+
+
+def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
+    """Run one cell; any exception becomes a row with status "error" (the traceback goes to ``cells/KEY.log``)."""
+    t0 = time.perf_counter()
+    row: dict = {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
+    try:
+        row.update(run_cell(config, cell))
+        row["status"], row["error"] = "ok", None
+    except Exception as exc:  # noqa: BLE001 - crash isolation: record and go on with the next cell
+        row["status"], row["error"] = "error", f"{type(exc).__name__}: {exc}"
+        log_path = Path(config.out) / CELLS_DIR / f"{cell.key}.log"
+        atomic_write_text(log_path, traceback.format_exc())
+    row["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    row["commit"] = git_commit()
+    # ru_maxrss is the process's high-water mark (KiB on Linux): with cells run in one process it is the peak
+    # over this cell and those before it.
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if torch.cuda.is_available():
+        row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+#: how a cell's process is started (the module's ``main`` runs one cell); a list so tests can replace it
+CELL_COMMAND = [sys.executable, "-m", "bayeslora.bench.grid"]
+
+
+def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
+    """Run one cell in a child process (see :func:`run_grid`); a child that dies becomes an error row."""
+    out = Path(config.out)
+    request = out / CELLS_DIR / f"{cell.key}.request.json"
+    atomic_write_text(request, json.dumps({"config": asdict(config), "cell": asdict(cell)}))
+    result_path = out / CELLS_DIR / f"{cell.key}.child.json"
+    result_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([*CELL_COMMAND, str(request), str(result_path)], capture_output=True, text=True)
+    request.unlink(missing_ok=True)
+    if proc.returncode == 0 and result_path.is_file():
+        row = json.loads(result_path.read_text())
+        result_path.unlink()
+        return row
+    atomic_write_text(out / CELLS_DIR / f"{cell.key}.log", proc.stdout[-20000:] + proc.stderr[-20000:])
+    return {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed, "status": "error",
+            "error": f"the cell's process exited with code {proc.returncode} (output in {cell.key}.log)",
+            "wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def config_from_dict(values: dict) -> GridConfig:
+    preset = {k: tuple(v) if isinstance(v, list) else v for k, v in values["preset"].items()}
+    return GridConfig(**{**values, "preset": Preset(**preset)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry: ``python -m bayeslora.bench.grid REQUEST.json RESULT.json`` runs one cell."""
+    request_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
+    request = json.loads(Path(request_path).read_text())
+    row = run_cell_isolated(config_from_dict(request["config"]), Cell(**request["cell"]))
+    atomic_write_text(Path(result_path), json.dumps(_clean(row)))
+    return 0
+
+
+def run_cell(config: GridConfig, cell: Cell) -> dict:
+    """Train (or Bayesianize) and evaluate one cell; returns its timings and metrics."""
+    from ..methods import get_method_class
+    from ..runs import load_run
+
+    out = Path(config.out)
+    timings: dict = {}
+    if getattr(get_method_class(cell.method), "posthoc", False):
+        source = ensure_trained(config, Cell(MLE, cell.dataset, cell.seed), timings, prefix="mle_")
+        run_dir = ensure_posthoc(config, cell, source, timings)
+    else:
+        run_dir = ensure_trained(config, cell, timings)
+    run = load_run(run_dir, model_spec=config.model)
+    evals = evaluate_cell(config, cell, run, out / CELLS_DIR / cell.key)
+    return {**timings, "run_dir": str(run_dir), "n_samples": run.method.config.n_samples, "metrics": evals}
+
+
+def method_options(config: GridConfig, method: str) -> dict:
+    """The preset's sample count for methods that sample by default; deterministic methods keep theirs (0)."""
+    from ..methods import get_method_class
+
+    n = config.preset.n_samples
+    if n is None or get_method_class(method).config_cls().n_samples == 0:
+        return {}
+    return {"n_samples": n}
+
+
+def _run_done(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status") == "done"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def ensure_trained(config: GridConfig, cell: Cell, timings: dict, prefix: str = "") -> Path:
+    """Train the cell's run unless it is finished; an interrupted one resumes from its checkpoint."""
+    from ..config import TrainConfig
+    from ..train import train
+
+    run_dir = Path(config.out) / RUNS_DIR / cell.run_name
+    if not _run_done(run_dir):
+        p = config.preset
+        train_config = TrainConfig(model=config.model, dataset=cell.dataset, method=cell.method,
+                                   method_options=method_options(config, cell.method), data_dir=config.data_dir,
+                                   lr=p.lr, batch_size=p.batch_size, max_steps=p.max_steps,
+                                   warmup_ratio=p.warmup_ratio, max_length=p.max_length, train_limit=p.train_limit,
+                                   save_every=max(50, p.max_steps // 10), seed=cell.seed)
+        train(train_config, run_dir, resume=run_dir.exists(), progress=False)
+    info = json.loads((run_dir / "run.json").read_text())
+    timings[f"{prefix}train_time_s"] = info.get("train_time_s")
+    timings[f"{prefix}steps"] = info.get("steps")
+    return run_dir
+
+
+def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) -> Path:
+    """Apply a post-hoc method to the MLE run ``source`` (``bayeslora.posthoc.bayesianize``)."""
+    try:
+        from ..posthoc import bayesianize
+    except ImportError as exc:
+        raise GridError(f"Post-hoc method {cell.method!r} needs bayeslora.posthoc, which is unavailable ({exc})") \
+            from None
+    run_dir = Path(config.out) / RUNS_DIR / cell.run_name
+    if not _run_done(run_dir):
+        t0 = time.perf_counter()
+        # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation)
+        bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None,
+                    options=method_options(config, cell.method), data_dir=config.data_dir,
+                    model=config.model, limit=config.preset.fit_limit, seed=cell.seed)
+        timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
+    return run_dir
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------
+def subsample(examples: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed random subset of ``limit`` examples (in their original order); the same for every method and seed,
+    so that cells are compared on the same questions."""
+    if limit is None or len(examples) <= limit:
+        return examples
+    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:limit]
+    return [examples[i] for i in sorted(keep.tolist())]
+
+
+def eval_sets(config: GridConfig, dataset: str) -> dict[str, list]:
+    """In-distribution evaluation sets of ``dataset``: validation, and test where the task has one."""
+    from ..tasks import DatasetError, load_task
+
+    sets = {"validation": load_task(dataset, "validation", config.data_dir)}
+    if config.preset.test_split:
+        try:
+            sets["test"] = load_task(dataset, "test", config.data_dir)
+        except DatasetError:
+            pass  # boolq and winogrande have no labelled test split here
+    return {name: subsample(examples, config.preset.eval_limit) for name, examples in sets.items()}
+
+
+def ood_sets(config: GridConfig) -> dict[str, list]:
+    """The OOD sets of the protocol (test splits of ARC-C/ARC-E) and the user's ``--ood`` files."""
+    from ..tasks import load_task
+
+    sets = {f"ood:{name}": load_task(name, "test", config.data_dir) for name in config.ood_tasks}
+    for path in config.ood_files:
+        sets[f"ood:{_safe(path)}"] = load_task(path, "test", config.data_dir)
+    return {name: subsample(examples, config.preset.eval_limit) for name, examples in sets.items()}
+
+
+def evaluate_cell(config: GridConfig, cell: Cell, run, pred_dir: Path) -> dict[str, dict]:
+    """Metrics per evaluation set: in-distribution splits, and for OBQA cells the OOD protocol."""
+    from ..evaluate import evaluate_examples
+
+    sets = eval_sets(config, cell.dataset)
+    if cell.dataset == config.ood_train:
+        sets.update(ood_sets(config))
+    results: dict[str, dict] = {}
+    preds: dict[str, Predictive] = {}
+    for name, examples in sets.items():
+        metrics, pred = evaluate_examples(run, examples, batch_size=config.preset.eval_batch_size, seed=cell.seed)
+        labels = torch.tensor([ex.label for ex in examples])
+        metrics.update(selective_summary(pred.probs, labels))
+        save_predictions(pred_dir / f"{name.replace(':', '_')}.safetensors", pred, labels)
+        results[name], preds[name] = metrics, pred
+    in_name = "test" if "test" in preds else "validation"
+    for name in [n for n in preds if n.startswith("ood:")]:
+        results[name].update(ood_auroc(preds[in_name], preds[name]))
+        results[name]["ood_reference"] = in_name
+    return results
+
+
+def save_predictions(path: Path, pred: Predictive, labels: torch.Tensor) -> None:
+    """Per-example probabilities ``(N, C)``, labels and uncertainties, for the report's plots (safetensors)."""
+    tensors = {"probs": pred.probs.float().contiguous(), "labels": labels.long().contiguous(),
+               "epistemic": pred.epistemic.float().contiguous(), "total": pred.total.float().contiguous()}
+    atomic_write_bytes(path, save(tensors))
+
+
+def load_predictions(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+def read_cell(out: Path, cell: Cell) -> dict | None:
+    path = Path(out) / CELLS_DIR / f"{cell.key}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged record is redone
+
+
+def write_cell(out: Path, cell: Cell, row: dict) -> None:
+    atomic_write_text(Path(out) / CELLS_DIR / f"{cell.key}.json", json.dumps(_clean(row), indent=2) + "\n")
+
+
+def collect_rows(out: Path, config: GridConfig | None = None) -> list[dict]:
+    """Rows of the grid's cells in grid order; without a config, every cell record in the folder."""
+    out = Path(out)
+    if config is not None:
+        rows = [read_cell(out, c) for c in cells(config)]
+        return [r for r in rows if r is not None]
+    rows = []
+    for path in sorted((out / CELLS_DIR).glob("*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def write_results(out: Path, config: GridConfig | None = None) -> Path:
+    """``results.jsonl`` from the cell records (all of the folder's cells, so earlier grids' cells stay)."""
+    rows = collect_rows(out)
+    order = {c.key: i for i, c in enumerate(cells(config))} if config else {}
+    rows.sort(key=lambda r: (order.get(Cell(r["method"], r["dataset"], r["seed"]).key, len(order)),
+                             r["method"], r["dataset"], r["seed"]))
+    path = Path(out) / RESULTS_FILE
+    atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    return path
+
+
+def read_results(out: Path) -> list[dict]:
+    path = Path(out) / RESULTS_FILE
+    if not path.is_file():
+        raise GridError(f"{out} has no {RESULTS_FILE}: run `bayeslora bench calibration --out {out}` first")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise GridError(f"{path}:{i} is not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _clean(value):
+    """JSON-safe copy: NaN/inf become null (strict JSON readers reject them), paths become strings."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+__all__ = ["DATASETS", "PRESETS", "Cell", "GridConfig", "GridError", "Preset", "cells", "make_config", "run_grid"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

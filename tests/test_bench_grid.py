@@ -1,0 +1,198 @@
+"""The calibration grid on the tiny random model: run, resume/skip, crash isolation, post-hoc cells, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from bayeslora.bench import grid as grid_mod
+from bayeslora.bench.grid import Cell, GridError, Preset, make_config, read_results, run_grid
+from bayeslora.bench.report import markdown_table, mean_std, tables_markdown, write_report
+from bayeslora.methods import METHODS, BayesianMethod, MethodConfig
+
+TINY = Preset("tiny", "test preset", max_steps=2, batch_size=4, lr=1e-3, warmup_ratio=0.0, max_length=48,
+              train_limit=16, eval_limit=10, fit_limit=8, eval_batch_size=5, datasets=("arith",), seeds=(1,))
+
+
+class Crash(BayesianMethod):
+    """A trained method whose preparation always fails."""
+
+    name = "bench-crash"
+    description = "test only: raises"
+    config_cls = MethodConfig
+
+    def prepare(self, base_model, adapter):
+        raise RuntimeError("boom in prepare")
+
+
+class FakePosthoc(BayesianMethod):
+    """A post-hoc method that keeps the MLE adapter as it is."""
+
+    name = "bench-posthoc"
+    description = "test only: post-hoc identity"
+    config_cls = MethodConfig
+    posthoc = True
+
+
+def fake_bayesianize(source, method, out, dataset=None, split=None, options=None, data_dir=None, model=None,
+                     limit=None, seed=0, **kwargs):
+    shutil.copytree(source, out)
+    info = json.loads((Path(out) / "run.json").read_text())
+    info.update(method=method, method_config={})
+    (Path(out) / "run.json").write_text(json.dumps(info))
+    fake_bayesianize.calls.append((str(source), method, dataset, limit))
+    return Path(out)
+
+
+fake_bayesianize.calls = []
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """One grid of mle, a crashing method and a post-hoc method on the built-in task (OOD: arith-ood)."""
+    out = tmp_path_factory.mktemp("grid")
+    ood_file = out.parent / "colors.jsonl"
+    ood_file.write_text("".join(json.dumps({"question": f"Color {i}?", "choices": ["red", "blue", "green"],
+                                            "answer": i % 3}) + "\n" for i in range(6)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(METHODS, Crash.name, Crash)
+        mp.setitem(METHODS, FakePosthoc.name, FakePosthoc)
+        mp.setitem(sys.modules, "bayeslora.posthoc", types.SimpleNamespace(bayesianize=fake_bayesianize))
+        config = make_config(str(out), TINY, methods=["bench-posthoc", "bench-crash", "mle"],
+                             model="tiny-random-llama", ood_train="arith", ood_tasks=["arith-ood"], command="test",
+                             ood_files=[str(ood_file)])
+        logs: list[str] = []
+        rows = run_grid(config, log=logs.append)
+        yield {"out": out, "config": config, "rows": rows, "logs": logs, "mp": mp}
+
+
+def by_method(rows):
+    return {r["method"]: r for r in rows}
+
+
+def test_methods_ordered_mle_first_posthoc_last(grid):
+    assert grid["config"].methods == ["mle", "bench-crash", "bench-posthoc"]
+
+
+def test_rows_have_metrics_times_and_memory(grid):
+    rows = by_method(read_results(grid["out"]))
+    mle = rows["mle"]
+    assert mle["status"] == "ok" and mle["steps"] == 2
+    assert set(mle["metrics"]) == {"validation", "test", "ood:arith-ood", "ood:colors"}
+    assert mle["metrics"]["ood:colors"]["n"] == 6 and mle["metrics"]["ood:colors"]["ood_reference"] == "test"
+    val = mle["metrics"]["validation"]
+    for key in ("acc", "ece", "nll", "brier", "aurc", "acc_at_80cov", "eval_time_s"):
+        assert isinstance(val[key], float), key
+    assert val["n"] == 10
+    ood = mle["metrics"]["ood:arith-ood"]
+    assert ood["auroc_ood_epistemic"] == 0.5 and 0 <= ood["auroc_ood_entropy"] <= 1
+    assert mle["train_time_s"] > 0 and mle["wall_time_s"] > 0 and mle["peak_rss_mb"] > 0
+
+
+def test_crash_is_recorded_and_grid_goes_on(grid):
+    rows = by_method(grid["rows"])
+    assert rows["bench-crash"]["status"] == "error"
+    assert "boom in prepare" in rows["bench-crash"]["error"]
+    assert (grid["out"] / "cells" / "bench-crash__arith__s1.log").read_text().count("RuntimeError") >= 1
+    assert rows["bench-posthoc"]["status"] == "ok"  # the cell after the crash ran
+
+
+def test_posthoc_starts_from_the_mle_run(grid):
+    source, method, dataset, limit = fake_bayesianize.calls[0]
+    assert source.endswith("runs/mle-arith-s1") and method == "bench-posthoc" and dataset == "arith" and limit == 8
+    assert by_method(grid["rows"])["bench-posthoc"]["metrics"]["validation"]["n"] == 10
+
+
+def test_rerun_skips_finished_cells_and_retries_failed(grid):
+    out, config = grid["out"], grid["config"]
+    cell_file = out / "cells" / "mle__arith__s1.json"
+    before = cell_file.stat().st_mtime_ns
+    logs: list[str] = []
+    run_grid(config, log=logs.append)
+    assert cell_file.stat().st_mtime_ns == before
+    assert any("mle__arith__s1: done earlier, skipped" in m for m in logs)
+    assert any("bench-crash__arith__s1: FAILED" in m for m in logs)  # retried, fails again
+
+
+def test_lost_cell_record_reuses_the_finished_run(grid):
+    out, config = grid["out"], grid["config"]
+    log_file = out / "runs" / "mle-arith-s1" / "train_log.jsonl"
+    trained = log_file.read_text()
+    (out / "cells" / "mle__arith__s1.json").unlink()
+    run_grid(config, log=lambda m: None)
+    assert log_file.read_text() == trained  # evaluated again, not retrained
+    assert by_method(read_results(out))["mle"]["status"] == "ok"
+
+
+def test_other_protocol_in_same_folder_is_refused(grid):
+    other = make_config(str(grid["out"]), TINY, methods=["mle"], model="tiny-random-llama", ood_train="obqa")
+    with pytest.raises(GridError, match="another preset or model"):
+        run_grid(other)
+
+
+def test_report_files(grid):
+    paths = write_report(grid["out"], command="bayeslora bench calibration --out X")
+    table = paths["table"].read_text()
+    assert "| mle |" in table
+    assert "ECE (%)" in table and "AUROC epistemic" in table and "### Failed cells" in table
+    assert "| arith / mle |" in table and "| arith / bench-posthoc |" in table and "| arith-ood / mle |" in table
+    assert "| colors / mle |" in table
+    figures = sorted(p.name for p in paths["figures"].iterdir())
+    assert figures == ["reliability_bench-posthoc-arith.png", "reliability_mle-arith.png", "risk_coverage_arith.png"]
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "boom in prepare" in page
+
+
+def test_subprocess_cell_error_row(grid):
+    """The child-process path end to end: the child reports the failure of an unknown method as a row."""
+    row = grid_mod.run_cell_subprocess(grid["config"], Cell("no-such-method", "arith", 1))
+    assert row["status"] == "error" and "no-such-method" in row["error"] and row["peak_rss_mb"] > 0
+
+
+def test_subprocess_hard_crash_is_recorded(grid, monkeypatch):
+    monkeypatch.setattr(grid_mod, "CELL_COMMAND", [sys.executable, "-c", "import sys; print('dying'); sys.exit(137)"])
+    row = grid_mod.run_cell_subprocess(grid["config"], Cell("mle", "arith", 7))
+    assert row["status"] == "error" and "exited with code 137" in row["error"]
+    assert "dying" in (grid["out"] / "cells" / "mle__arith__s7.log").read_text()
+
+
+def test_make_config_errors(tmp_path):
+    with pytest.raises(GridError, match="Unknown preset"):
+        make_config(str(tmp_path), "huge")
+    with pytest.raises(GridError, match="Unknown method"):
+        make_config(str(tmp_path), TINY, methods=["nope"])
+    with pytest.raises(GridError, match="Unknown dataset"):
+        make_config(str(tmp_path), TINY, methods=["mle"], datasets=["nope"])
+    with pytest.raises(GridError, match="one split"):
+        make_config(str(tmp_path), TINY, methods=["mle"], datasets=["questions.jsonl"])
+    with pytest.raises(GridError, match="does not exist"):
+        make_config(str(tmp_path), TINY, methods=["mle"], ood_files=[str(tmp_path / "missing.jsonl")])
+
+
+def test_table_mean_std_over_seeds():
+    rows = [{"method": "mle", "dataset": "d", "seed": s, "status": "ok",
+             "metrics": {"validation": {"acc": a, "ece": e}}} for s, a, e in ((1, 0.5, 10.0), (2, 0.7, 20.0))]
+    rows.append({"method": "x", "dataset": "d", "seed": 1, "status": "error", "error": "E"})
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert mean_std([1.0])[1] is None
+    md = tables_markdown(rows)
+    assert "| dataset / method | ACC (%) | ECE (%) | NLL |" in md
+    assert "| d / mle | 60.00 ± 14.14 | 15.00 ± 7.07 | – |" in md
+    assert "- x / d / seed 1: E" in md
+    assert markdown_table({"columns": ["a"], "rows": {"m": ["1"]}}) == "| method | a |\n|---|---:|\n| m | 1 |"
+
+
+def test_subsample_is_fixed_and_ordered():
+    items = list(range(50))
+    a, b = grid_mod.subsample(items, 10), grid_mod.subsample(items, 10)
+    assert a == b == sorted(a) and len(a) == 10
+    assert grid_mod.subsample(items, None) is items
+
+
+def test_cell_keys_are_safe():
+    assert Cell("mle", "/tmp/my data.jsonl", 2).key == "mle__my_data__s2"
