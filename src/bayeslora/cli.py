@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_bench_speed import add_bench_parser as add_bench_speed_parser
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -179,6 +181,7 @@ def _cmd_demo(args) -> int:
 
 
 PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
+PARSERS.append(add_bench_speed_parser)  # issue 3: `bench speed` (joins the bench group, see cli_bench_speed)
 
 
 def build_parser() -> argparse.ArgumentParser:
