@@ -9,11 +9,11 @@ from bayeslora.cli import main
 
 def test_bench_speed_writes_tables(tmp_path, capsys):
     md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
-    code = main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "mle,blob",
+    code = main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
                  "--steps", "1", "--repeats", "1", "--samples", "1,2", "--md", str(md), "--json", str(raw)])
     assert code == 0
     result = json.loads(raw.read_text())
-    assert [r["method"] for r in result["train"]] == ["mle", "blob"]
+    assert [r["method"] for r in result["train"]] == ["blob"]
     assert result["train"][0]["x_step"] == 1.0
     kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
     assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
