@@ -17,6 +17,10 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert result["train"][0]["x_step"] == 1.0
     kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
     assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
+    # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
+                 "--steps", "1", "--repeats", "1", "--samples", "1,2", "--json", str(raw)]) == 0
+    assert "reusing the finished parts" in capsys.readouterr().err
     text = md.read_text()
     assert "| blob |" in text and "Versions:" in text and "bench speed" in text
 

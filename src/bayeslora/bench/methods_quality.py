@@ -86,19 +86,20 @@ def report(out: Path, commands: list[str]) -> str:
     rows = _read(out)
     if not rows:
         raise ValueError(f"{out / RESULTS} has no results yet: run some cells first")
-    keys = sorted({(r["method"], r["variant"]) for r in rows}, key=lambda k: (["mle", "map", "mcd", "ens", "blob"]
-                                                                              + [k[0]]).index(k[0]))
+    order = ["mle", "map", "mcd", "ens", "blob"]
+    keys = sorted({(r["method"], r["variant"]) for r in rows},
+                  key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[0]))
     first = rows[0]
     lines = [f"Dataset `{first['dataset']}` (validation, first {first['n']} questions), {first['steps']} training "
              "steps, batch 8, lr 3e-4, LoRA r=8 on q_proj, v_proj, lm_head; mean ± std over the seeds listed.", "",
-             "| method | predictive | seeds | acc % | ECE % | NLL | Brier | eval s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | predictive | seeds | acc % | ECE % | NLL | Brier | epistemic | eval s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, variant in keys:
-        sel = [r for r in rows if r["method"] == method and r["variant"] == variant]
-        seeds = ",".join(str(r["seed"]) for r in sorted(sel, key=lambda r: r["seed"]))
-        lines.append(f"| {method} | {variant} | {seeds} | {_mean_std([r['acc'] for r in sel], 100, 1)} | "
-                     f"{_mean_std([r['ece'] for r in sel])} | {_mean_std([r['nll'] for r in sel], 1, 3)} | "
-                     f"{_mean_std([r['brier'] for r in sel], 1, 3)} | {_mean_std([r['eval_time_s'] for r in sel], 1, 0)} |")
+        sel = sorted((r for r in rows if r["method"] == method and r["variant"] == variant), key=lambda r: r["seed"])
+        cells = [_mean_std([r["acc"] for r in sel], 100, 1), _mean_std([r["ece"] for r in sel]),
+                 _mean_std([r["nll"] for r in sel], 1, 3), _mean_std([r["brier"] for r in sel], 1, 3),
+                 _mean_std([r["mean_epistemic"] for r in sel], 1, 4), _mean_std([r["eval_time_s"] for r in sel], 1, 0)]
+        lines.append(f"| {method} | {variant} | {','.join(str(r['seed']) for r in sel)} | " + " | ".join(cells) + " |")
     lines += ["", "Commands (each cell under `flock /tmp/bayeslora-cpu.lock`, re-run until done):", "", "```"]
     lines += commands + ["```", "", *environment_lines()]
     return "\n".join(lines) + "\n"

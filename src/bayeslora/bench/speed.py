@@ -34,7 +34,7 @@ class SpeedConfig:
     methods: list[str] = field(default_factory=lambda: ["mle", "map", "mcd", "ens", "blob"])
     batch_size: int = field(default=8, metadata={"help": "questions per batch (training and prediction)"})
     steps: int = field(default=3, metadata={"help": "timed training steps per method (after one warm-up)"})
-    repeats: int = field(default=3, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
+    repeats: int = field(default=2, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
     samples: list[int] = field(default_factory=lambda: [1, 4, 10])
     data_dir: str | None = None
 
@@ -150,18 +150,37 @@ def _subprocess_train_step(config: SpeedConfig, method: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_speed(config: SpeedConfig, log=print) -> dict:
-    train_rows = []
-    for method in config.methods:
-        log(f"[speed] training step: {method}")
-        train_rows.append(_subprocess_train_step(config, method))
-    ref = next((r for r in train_rows if r["method"] == "mle"), train_rows[0])
-    for row in train_rows:
-        row["x_step"] = row["step_s"] / ref["step_s"]
-        row["x_peak"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
-    log("[speed] predictive")
-    return {"config": asdict(config), "train": train_rows, "predictive": measure_predictive(config),
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> dict:
+    """Both measurements; with ``partial``, each finished part is saved there at once and reused by a rerun with
+    the same configuration (a long benchmark killed by a time limit goes on where it stopped)."""
+    result = {"config": asdict(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if partial is not None and Path(partial).is_file():
+        saved = json.loads(Path(partial).read_text())
+        if saved.get("config") == result["config"]:
+            result = saved
+            done = [k for k in ("train", "predictive") if k in saved]
+            log(f"[speed] reusing the finished parts in {partial}: {done}")
+    if "train" not in result:
+        rows = []
+        for method in config.methods:
+            log(f"[speed] training step: {method}")
+            rows.append(_subprocess_train_step(config, method))
+        ref = next((r for r in rows if r["method"] == "mle"), rows[0])
+        for row in rows:
+            row["x_step"] = row["step_s"] / ref["step_s"]
+            row["x_peak"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+        result["train"] = rows
+        _save_partial(partial, result)
+    if "predictive" not in result:
+        log("[speed] predictive")
+        result["predictive"] = measure_predictive(config)
+        _save_partial(partial, result)
+    return result
+
+
+def _save_partial(path: Path | None, result: dict) -> None:
+    if path is not None:
+        atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
 
 
 def format_markdown(result: dict, command: str) -> str:
