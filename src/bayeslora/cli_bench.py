@@ -7,6 +7,8 @@ join by appending theirs, so that ``bench`` stays one argparse group.
 from __future__ import annotations
 
 import shlex
+
+from .cli_bench_speed import add_speed_command
 import sys
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def _cmd_results(args) -> int:
     return 0
 
 
-BENCH_COMMANDS = [_calibration_parser, _report_parser, _results_parser]
+BENCH_COMMANDS = [_calibration_parser, _report_parser, _results_parser, add_speed_command]
 
 
 def add_bench_parser(sub) -> None:

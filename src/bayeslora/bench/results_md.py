@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io_utils import atomic_write_text
+from .environment import cpu_model
 from .grid import GRID_FILE, git_commit, grid_command, read_results
 from .report import tables_markdown
 
@@ -53,17 +54,6 @@ PUBLISHED: tuple[Published, ...] = (
 
 
 # -- environment ----------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, str]:
     """Hardware and versions, as written next to every measurement."""
     import torch

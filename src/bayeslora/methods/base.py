@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..peft_ext import posterior_state, sample_groups
+from ..peft_ext import posterior_state, sample_groups, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 
@@ -115,7 +115,9 @@ class BayesianMethod:
     # -- training -------------------------------------------------------------------------------------------
     def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
         """Mean cross-entropy of the training batch (one posterior sample per question where there is one)."""
-        logits = scorer.choice_logits(model, batch)
+        groups = torch.arange(batch.n_questions, device=batch.labels.device)
+        with self.sampling(model, groups, generator=generator):
+            logits = scorer.choice_logits(model, batch)
         return torch.nn.functional.cross_entropy(logits, batch.labels)
 
     def kl(self) -> torch.Tensor:
@@ -153,9 +155,32 @@ class BayesianMethod:
     @torch.no_grad()
     def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
                 generator: torch.Generator | None = None) -> Predictive:
-        """Predictive over the batch's choices: probs ``(B, C)`` (+ samples ``(S, B, C)`` where sampled)."""
-        self.resolve_samples(n_samples)
-        return Predictive.from_logits(scorer.choice_logits(model, batch))
+        """Predictive over the batch's choices: probs ``(B, C)`` (+ samples ``(S, B, C)`` where sampled).
+
+        ``n_samples`` = 0 (or a model without stochastic layers): the deterministic forward (posterior mean).
+        """
+        n = self.resolve_samples(n_samples)
+        if n == 0 or not stochastic_layers(model):
+            return Predictive.from_logits(scorer.choice_logits(model, batch))
+        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator))
+
+    def sample_logits(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
+                      generator: torch.Generator | None = None, batched: bool = True) -> torch.Tensor:
+        """Choice logits of ``n_samples`` posterior samples, shape ``(S, B, C)``.
+
+        ``batched``: the S samples run as ONE forward over the batch repeated S times (question ``s * B + b`` uses
+        sample ``s * B + b``); otherwise S forwards one after the other (same distribution, for benchmarks).
+        """
+        B = batch.n_questions
+        if batched:
+            groups = torch.arange(n_samples * B, device=batch.labels.device)
+            with self.sampling(model, groups, generator=generator):
+                return scorer.choice_logits(model, batch.repeat(n_samples)).view(n_samples, B, -1)
+        out = []
+        for _ in range(n_samples):
+            with self.sampling(model, torch.arange(B, device=batch.labels.device), generator=generator):
+                out.append(scorer.choice_logits(model, batch))
+        return torch.stack(out)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def state_dict(self, model) -> dict[str, torch.Tensor]:
@@ -165,6 +190,8 @@ class BayesianMethod:
 
     def load_state_dict(self, model, state: dict[str, torch.Tensor]) -> None:
         expected = posterior_state(model)
+        if expected and not state:
+            raise MethodError(f"Method {self.name!r} needs its posterior ({POSTERIOR_FILE}), but the run has none")
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise MethodError(f"The saved posterior does not match method {self.name!r}: "
@@ -186,8 +213,8 @@ class BayesianMethod:
         adapter_state = {k: v for k, v in model.state_dict().items() if k not in state}
         # save_embedding_layers=False: a LoRA on a tied LM head must not copy the whole embedding matrix
         model.save_pretrained(str(out_dir / ADAPTER_DIR), state_dict=adapter_state, save_embedding_layers=False)
-        if state:
-            save_file(state, str(out_dir / POSTERIOR_FILE), metadata={"method": self.name})
+        # written even when empty: its metadata names the method, so another method refuses to load the run
+        save_file(state, str(out_dir / POSTERIOR_FILE), metadata={"method": self.name})
 
     def load(self, base_model: torch.nn.Module, run_dir: Path):
         """Load the adapter(s) of ``run_dir`` onto ``base_model`` and restore this method's state."""

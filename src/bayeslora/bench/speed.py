@@ -1,0 +1,215 @@
+"""``bayeslora bench speed``: what uncertainty costs, measured side by side on one model.
+
+1. Training step time and peak memory per method relative to MLE, on the same batch. Each method runs in its own
+   subprocess so that peak memory is its own: on CPU, the growth of ``getrusage(RUSAGE_SELF).ru_maxrss`` (the
+   process's peak resident set) from just before the first step to after the last one (model loading excluded); on
+   CUDA, ``torch.cuda.max_memory_allocated`` over the steps. One warm-up step is excluded from the timings.
+2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
+   as S sequential forwards vs ONE batched forward, and the cheap head predictive (trunk once + S head samples).
+   Median of ``repeats`` timed runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..io_utils import atomic_write_text
+from .environment import environment_lines
+
+
+@dataclass
+class SpeedConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "base model spec"})
+    dataset: str = field(default="arc-e", metadata={"help": "task whose first questions form the batch"})
+    methods: list[str] = field(default_factory=lambda: ["mle", "map", "mcd", "ens", "blob"])
+    batch_size: int = field(default=8, metadata={"help": "questions per batch (training and prediction)"})
+    steps: int = field(default=3, metadata={"help": "timed training steps per method (after one warm-up)"})
+    repeats: int = field(default=2, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
+    samples: list[int] = field(default_factory=lambda: [1, 4, 10])
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "repeats"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)!r}")
+        if not self.samples or any(s < 1 for s in self.samples):
+            raise ValueError(f"Expected `samples` to be positive ints, but got {self.samples!r}")
+        if not self.methods:
+            raise ValueError("Expected at least one method")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run (seconds)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _batch(config: SpeedConfig, split: str, tokenizer, scorer):
+    from ..tasks import load_task
+
+    examples = load_task(config.dataset, split, config.data_dir, limit=config.batch_size)
+    return scorer.encode(examples)
+
+
+def _setup(config: SpeedConfig, method_name: str):
+    from ..methods import AdapterConfig, build_method
+    from ..models import load_model
+    from ..scoring import make_scorer
+    from ..config import resolve_format
+
+    torch.manual_seed(0)
+    loaded = load_model(config.model)
+    method = build_method(method_name)
+    model = method.prepare(loaded.model, AdapterConfig())
+    scorer = make_scorer(resolve_format("auto", config.model), loaded.tokenizer, max_length=256)
+    return method, model, scorer
+
+
+def measure_train_step(config: SpeedConfig, method_name: str) -> dict:
+    """Seconds per optimizer step and peak-memory growth (MiB) of ``method_name`` (run in a fresh process)."""
+    method, model, scorer = _setup(config, method_name)
+    device = next(model.parameters()).device
+    enc = _batch(config, "train", scorer.tokenizer, scorer).to(device)
+    optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+
+    def step():
+        loss = method.nll(model, scorer, enc, generator) + method.kl_scale(1000) * method.kl().to(device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start_mem = torch.cuda.memory_allocated()
+    else:
+        start_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds = _timed(step, config.steps)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - start_mem
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"method": method_name, "step_s": seconds, "peak_mib": peak / 2**20, "trainable_params": trainable}
+
+
+def measure_predictive(config: SpeedConfig) -> list[dict]:
+    """Predictive times of a BLoB model on one batch (see the module docstring)."""
+    from ..methods.blob import head_sample_logits
+
+    method, model, scorer = _setup(config, "blob")
+    model.eval()
+    device = next(model.parameters()).device
+    enc = _batch(config, "validation", scorer.tokenizer, scorer).to(device)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        base = _timed(lambda: scorer.choice_logits(model, enc), config.repeats)
+        rows.append({"predictive": "deterministic forward (posterior mean)", "samples": 0, "seconds": base})
+        for s in config.samples:
+            for batched in (False, True):
+                t = _timed(lambda: method.sample_logits(model, scorer, enc, s, g, batched=batched), config.repeats)
+                rows.append({"predictive": f"MC, {'one batched forward' if batched else 'sequential forwards'}",
+                             "samples": s, "seconds": t})
+        s = max(config.samples)
+        t = _timed(lambda: head_sample_logits(model, scorer, enc, s, g), config.repeats)
+        rows.append({"predictive": "head (trunk once + LM-head samples)", "samples": s, "seconds": t})
+    for row in rows:
+        row["x_deterministic"] = row["seconds"] / base
+    return rows
+
+
+def _subprocess_train_step(config: SpeedConfig, method: str) -> dict:
+    cmd = [sys.executable, "-m", "bayeslora.bench.speed", "--train-step", method, json.dumps(asdict(config))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        raise RuntimeError(f"Training-step benchmark of {method} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> dict:
+    """Both measurements; with ``partial``, each finished part is saved there at once and reused by a rerun with
+    the same configuration (a long benchmark killed by a time limit goes on where it stopped)."""
+    result = {"config": asdict(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if partial is not None and Path(partial).is_file():
+        saved = json.loads(Path(partial).read_text())
+        if saved.get("config") == result["config"]:
+            result = saved
+            done = [k for k in ("train", "predictive") if k in saved]
+            log(f"[speed] reusing the finished parts in {partial}: {done}")
+    if "train" not in result:
+        rows = []
+        for method in config.methods:
+            log(f"[speed] training step: {method}")
+            rows.append(_subprocess_train_step(config, method))
+        ref = next((r for r in rows if r["method"] == "mle"), rows[0])
+        for row in rows:
+            row["x_step"] = row["step_s"] / ref["step_s"]
+            row["x_peak"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+        result["train"] = rows
+        _save_partial(partial, result)
+    if "predictive" not in result:
+        log("[speed] predictive")
+        result["predictive"] = measure_predictive(config)
+        _save_partial(partial, result)
+    return result
+
+
+def _save_partial(path: Path | None, result: dict) -> None:
+    if path is not None:
+        atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
+
+
+def format_markdown(result: dict, command: str) -> str:
+    c = result["config"]
+    lines = [f"Model `{c['model']}` on {result['device']}, batch of {c['batch_size']} `{c['dataset']}` questions "
+             f"(cloze/letter as `--format auto`), LoRA r=8 on q_proj, v_proj, lm_head.", "",
+             f"Training step (median of {c['steps']} after 1 warm-up; peak memory: growth of the process's peak "
+             "RSS over the steps on CPU, `max_memory_allocated` on CUDA; one subprocess per method):", "",
+             "| method | step s | x MLE | peak MiB | x MLE | trainable params |", "|---|---|---|---|---|---|"]
+    for r in result["train"]:
+        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['x_step']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['x_peak']:.2f} | {r['trainable_params']:,} |")
+    lines += ["", f"BLoB predictive on one batch (median of {c['repeats']} after 1 warm-up):", "",
+              "| predictive | S | seconds | x deterministic |", "|---|---|---|---|"]
+    for r in result["predictive"]:
+        lines.append(f"| {r['predictive']} | {r['samples']} | {r['seconds']:.3f} | {r['x_deterministic']:.2f} |")
+    lines += ["", "Command:", "", "```", command, "```", "", *environment_lines()]
+    return "\n".join(lines) + "\n"
+
+
+def write_speed(result: dict, md_path: Path | None, json_path: Path | None, command: str) -> str:
+    text = format_markdown(result, command)
+    if md_path is not None:
+        atomic_write_text(Path(md_path), "# Speed: what uncertainty costs\n\n" + text)
+    if json_path is not None:
+        atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
+    return text
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--train-step":
+    # internal: one method's training step in a fresh process (see _subprocess_train_step)
+    print(json.dumps(measure_train_step(SpeedConfig(**json.loads(sys.argv[3])), sys.argv[2])))

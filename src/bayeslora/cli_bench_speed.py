@@ -1,0 +1,53 @@
+"""``bayeslora bench speed``: the speed benchmark's command line.
+
+:func:`add_speed_command` adds ``speed`` to the ``bench`` subparser group of :mod:`bayeslora.cli_bench`.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"Expected comma-separated integers, but got {text!r}") from None
+
+
+def add_speed_command(bench) -> None:
+    p = bench.add_parser("speed", help="training-step time/memory per method and predictive cost vs deterministic",
+                         description="Measure, on one model and batch: each method's training step time and peak "
+                         "memory relative to MLE (one subprocess per method), and a BLoB model's predictive time: "
+                         "deterministic forward, S samples sequential vs batched, and the cheap head predictive. "
+                         "Prints a markdown table with hardware and versions.")
+    p.add_argument("--model", default="smollm2-135m", help="base model spec")
+    p.add_argument("--dataset", default="arc-e", help="task whose first questions form the batch")
+    p.add_argument("--methods", default="mle,map,mcd,ens,blob", help="comma-separated methods")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per batch")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per method (after 1 warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed predictive runs per setting (after 1 warm-up)")
+    p.add_argument("--samples", default="1,4,10", help="comma-separated sample counts S")
+    p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
+    p.add_argument("--json", default=None, help="write the raw measurements here; each finished part is saved at "
+                   "once and a rerun with the same options reuses it")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder (default: $BAYESLORA_DATA)")
+    p.set_defaults(func=_cmd_speed)
+
+
+def _cmd_speed(args) -> int:
+    from .bench.speed import SpeedConfig, run_speed, write_speed
+    from .methods import get_method_class
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        get_method_class(name)  # unknown names fail before any measurement
+    config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
+                         steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir)
+    result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                       partial=Path(args.json) if args.json else None)
+    command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"
+    print(write_speed(result, Path(args.md) if args.md else None, Path(args.json) if args.json else None, command))
+    return 0

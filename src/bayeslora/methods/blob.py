@@ -1,0 +1,147 @@
+"""BLoB: Bayesian Low-Rank Adaptation by Backpropagation (Wang, Shi, Han, Metaxas & Wang, NeurIPS 2024).
+
+Posterior ``q(A) = N(M, sigma^2)`` elementwise on every LoRA ``A`` with ``sigma = rho^2`` (``rho`` initialized
+``U(eps / sqrt(2), eps)``); ``B`` stays deterministic; prior ``p(A) = N(0, beta^2)``. Training minimizes the negative
+ELBO per example, ``mean NLL + kl_weight * KL(q || p) / N`` (N: training questions), with one weight sample per
+*question* (all rows of a question share it; the reference redraws flipout signs per token). Prediction averages S
+samples run as one batched forward; ``n_samples = 0`` is the posterior mean.
+
+KL weighting (a choice; the paper's code offers two): we use the dataset-size scaling of the ELBO, ``1 / N`` per
+example, which makes the loss an unbiased per-example negative ELBO. The reference weights the KL of each minibatch
+by ``1 / M`` (M = minibatches per epoch) next to a *mean* NLL, i.e. ``batch_size / N``: ``kl_weight = batch_size``
+reproduces it. The reference also steps the KL gradient with a separate SGD optimizer (lr 0.01-0.02); we keep one
+AdamW over ``loss = nll + kl_scale * kl`` (the generic loop), with ``rho`` in its own group without weight decay.
+
+``predictive = "head"`` (the cheap predictive): the trunk runs once at the posterior mean and only the LM head's
+``A`` is resampled, ``S`` times, from the captured LM-head input ``h``: per sample the extra cost is
+``scaling * B ((sigma * eps_s) h)``, ``V x r`` per position instead of a whole forward. It is exact MC for the head's
+uncertainty (the largest single LoRA in the model) and ignores the trunk's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from ..peft_ext import GaussianLoraA, capture_input, head_lora, replace_lora_A, stochastic_layers
+from ..predictive import Predictive
+from ..scoring import ChoiceScorer, EncodedBatch
+from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .registry import register_method
+
+
+class BlobPredictive(str, Enum):
+    """How BLoB predicts with ``n_samples`` > 0."""
+
+    MC = "mc"
+    """S full weight samples (every LoRA A), one batched forward."""
+    HEAD = "head"
+    """One deterministic forward; S samples of the LM head's A only (cheap)."""
+
+
+def squared(rho: torch.Tensor) -> torch.Tensor:
+    """BLoB's parameterization of the standard deviation: ``sigma = rho^2``."""
+    return rho * rho
+
+
+def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """``sum KL(N(mean, std^2) || N(0, prior_std^2))`` elementwise, in float64 (many near-cancelling terms)."""
+    mean, std = mean.double(), std.double()
+    var_ratio = (std / prior_std) ** 2
+    return 0.5 * (var_ratio + (mean / prior_std) ** 2 - 1.0 - torch.log(var_ratio)).sum()
+
+
+@dataclass
+class BlobConfig(MethodConfig):
+    n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: posterior mean)"})
+    init_eps: float = field(default=0.05, metadata={"help": "rho ~ U(eps / sqrt(2), eps) at initialization"})
+    prior_std: float = field(default=0.2, metadata={"help": "prior standard deviation beta of A"})
+    kl_weight: float = field(default=1.0, metadata={"help": "multiplies the per-example KL / N (batch_size: the "
+                                                             "reference's 1/M minibatch weighting)"})
+    predictive: str = field(default="mc", metadata={"help": "mc (full samples) or head (cheap: LM head only)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("init_eps", "prior_std"):
+            if not getattr(self, name) > 0:
+                raise MethodError(f"Expected BLoB `{name}` > 0, but got {getattr(self, name)!r}")
+        if not self.kl_weight >= 0:
+            raise MethodError(f"Expected BLoB `kl_weight` >= 0, but got {self.kl_weight!r}")
+        try:
+            self.predictive = BlobPredictive(self.predictive).value
+        except ValueError:
+            raise MethodError(f"Expected BLoB `predictive` in {[p.value for p in BlobPredictive]}, "
+                              f"but got {self.predictive!r}") from None
+
+
+@register_method
+class Blob(BayesianMethod):
+    name = "blob"
+    description = "BLoB: variational Gaussian LoRA A (std = rho^2), closed-form KL, batched posterior samples"
+    config_cls = BlobConfig
+
+    def __init__(self, config: BlobConfig | None = None):
+        super().__init__(config)
+        self._layers: list[GaussianLoraA] = []
+
+    def prepare(self, base_model, adapter: AdapterConfig):
+        model = super().prepare(base_model, adapter)
+        self.attach(model)
+        return model
+
+    def attach(self, model) -> None:
+        # rho comes from the global RNG like PEFT's own LoRA init (seeded by the training loop); loading overwrites it
+        lo, hi = self.config.init_eps / math.sqrt(2.0), self.config.init_eps
+
+        def factory(name, linear):
+            rho = torch.empty_like(linear.weight).uniform_(lo, hi)
+            return GaussianLoraA(linear, rho, squared, trainable=linear.weight.requires_grad)
+
+        self._layers = replace_lora_A(model, factory)
+
+    def param_groups(self, model) -> list[dict]:
+        rho = {id(layer.rho) for layer in stochastic_layers(model)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if id(p) not in rho], "weight_decay": self.config.weight_decay},
+                {"params": [p for p in params if id(p) in rho], "weight_decay": 0.0}]
+
+    def kl(self) -> torch.Tensor:
+        if not self._layers:
+            return torch.zeros(())
+        total = sum(gaussian_kl(layer.weight, layer.std(), self.config.prior_std) for layer in self._layers)
+        return total.to(self._layers[0].weight.dtype)
+
+    def kl_scale(self, n_train: int) -> float:
+        return self.config.kl_weight / max(n_train, 1)
+
+    @torch.no_grad()
+    def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
+                generator: torch.Generator | None = None) -> Predictive:
+        n = self.resolve_samples(n_samples)
+        if n > 0 and self.config.predictive == BlobPredictive.HEAD.value:
+            return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
+        return super().predict(model, scorer, batch, n, generator)
+
+
+def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Choice logits ``(S, B, C)``: trunk at the posterior mean, ``S`` samples of the LM head's Gaussian ``A``."""
+    head = head_lora(model)
+    if not isinstance(head.lora_A, GaussianLoraA):
+        raise MethodError("The head predictive needs a Gaussian LoRA A on the LM head (a BLoB run)")
+    store, handle = capture_input(head.layer)
+    try:
+        vocab = scorer.forward_vocab(model, batch)  # (R, K, V) at the posterior mean
+    finally:
+        handle.remove()
+    h = store["x"]  # (R, K, H): the LM-head input of the kept positions
+    A_std = head.lora_A.std()
+    out = []
+    for _ in range(n_samples):
+        eps = torch.randn(A_std.shape, generator=generator, dtype=torch.float32).to(A_std.device, A_std.dtype)
+        delta = head.lora_B(torch.nn.functional.linear(h.to(A_std.dtype), A_std * eps)) * head.scaling
+        out.append(scorer.logits_from_vocab(vocab + delta.to(vocab.dtype), batch))
+    return torch.stack(out)

@@ -1,0 +1,31 @@
+"""``bayeslora bench speed`` end to end on the tiny model (numbers are meaningless there; the plumbing is not)."""
+
+from __future__ import annotations
+
+import json
+
+from bayeslora.cli import main
+
+
+def test_bench_speed_writes_tables(tmp_path, capsys):
+    md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
+    code = main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
+                 "--steps", "1", "--repeats", "1", "--samples", "1,2", "--md", str(md), "--json", str(raw)])
+    assert code == 0
+    result = json.loads(raw.read_text())
+    assert [r["method"] for r in result["train"]] == ["blob"]
+    assert result["train"][0]["x_step"] == 1.0
+    kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
+    assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
+    # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
+                 "--steps", "1", "--repeats", "1", "--samples", "1,2", "--json", str(raw)]) == 0
+    assert "reusing the finished parts" in capsys.readouterr().err
+    text = md.read_text()
+    assert "| blob |" in text and "Versions:" in text and "bench speed" in text
+
+
+def test_bench_speed_rejects_bad_input(capsys):
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--methods", "nope"]) == 2
+    assert "Unknown method 'nope'" in capsys.readouterr().err
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--samples", "0"]) == 2

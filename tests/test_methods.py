@@ -1,0 +1,178 @@
+"""Method-specific behaviour of map, mcd, ens and blob, and the bad-input errors of issue 3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bayeslora.cli import main
+from bayeslora.config import TrainConfig
+from bayeslora.methods import AdapterConfig, MethodError, build_method
+from bayeslora.methods.blob import gaussian_kl, head_sample_logits
+from bayeslora.methods.mcd import DropoutLoraA
+from bayeslora.models import load_model
+from bayeslora.peft_ext import adapter_names, stochastic_layers
+from bayeslora.runs import load_run
+from bayeslora.scoring import make_scorer
+from bayeslora.tasks import load_task
+from bayeslora.train import TrainingError, train
+
+TINY = "tiny-random-llama"
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_task("arith", "train", limit=8)
+
+
+def _prepared(name: str, options: dict | None = None, adapter: AdapterConfig | None = None):
+    torch.manual_seed(0)
+    loaded = load_model(TINY)
+    method = build_method(name, options)
+    model = method.prepare(loaded.model, adapter or AdapterConfig())
+    with torch.no_grad():  # move B off zero so that the adapter matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    model.eval()
+    return method, model, make_scorer("cloze", loaded.tokenizer, max_length=64)
+
+
+def test_map_defaults_to_weight_decay():
+    assert build_method("map").config.weight_decay > 0
+    with pytest.raises(MethodError, match="weight_decay"):
+        build_method("map", {"weight_decay": 0})
+
+
+def test_mcd_one_mask_per_question_shared_by_its_rows(examples):
+    method, model, scorer = _prepared("mcd", {"p": 0.5})
+    assert all(isinstance(m, DropoutLoraA) for m in stochastic_layers(model))
+    one = scorer.encode(examples[:1])
+    enc = one.repeat(2)  # two copies of the same question in one batch: with one group they must agree
+    with method.sampling(model, torch.zeros(2, dtype=torch.long), generator=torch.Generator().manual_seed(0)):
+        same = scorer.choice_logits(model, enc)
+    assert torch.allclose(same[0], same[1])
+    logits = method.sample_logits(model, scorer, one, 6, torch.Generator().manual_seed(0))
+    assert logits.shape == (6, 1, 4) and not torch.allclose(logits[0], logits[1])
+    with pytest.raises(MethodError, match="`p`"):
+        build_method("mcd", {"p": 1.0})
+
+
+def test_batched_and_sequential_samples_agree_in_distribution(examples):
+    method, model, scorer = _prepared("mcd", {"p": 0.0})  # p = 0: every sample is the mean, exactly
+    enc = scorer.encode(examples[:3])
+    batched = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), batched=True)
+    sequential = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), batched=False)
+    assert torch.allclose(batched, sequential, atol=1e-5)
+
+
+def test_blob_kl_matches_torch_distributions():
+    mean, std = torch.randn(4, 5) * 0.1, torch.rand(4, 5) * 0.05 + 0.01
+    q, p = torch.distributions.Normal(mean.double(), std.double()), torch.distributions.Normal(0.0, 0.2)
+    expected = torch.distributions.kl_divergence(q, p).sum()
+    assert torch.allclose(gaussian_kl(mean, std, 0.2), expected)
+
+
+def test_blob_samples_mean_and_head_predictive(examples):
+    method, model, scorer = _prepared("blob", {"init_eps": 0.5})
+    enc = scorer.encode(examples[:4])
+    mean = method.predict(model, scorer, enc, n_samples=0)
+    assert mean.sample_probs is None
+    assert torch.allclose(mean.probs, torch.softmax(scorer.choice_logits(model, enc), -1))
+    mc = method.predict(model, scorer, enc, n_samples=5, generator=torch.Generator().manual_seed(0))
+    assert mc.sample_probs.shape == (5, 4, 4) and mc.epistemic.sum() > 0
+    head = head_sample_logits(model, scorer, enc, 5, torch.Generator().manual_seed(0))
+    assert head.shape == (5, 4, 4) and not torch.allclose(head[0], head[1])
+    for layer in stochastic_layers(model):  # zero posterior std: the head samples are the mean
+        layer.rho.data.zero_()
+    head = head_sample_logits(model, scorer, enc, 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(head[0], scorer.choice_logits(model, enc), atol=1e-5)
+
+
+def test_blob_head_predictive_needs_a_head_lora(examples):
+    method, model, scorer = _prepared("blob", {"predictive": "head"},
+                                      AdapterConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="LM head"):
+        method.predict(model, scorer, scorer.encode(examples[:2]), n_samples=2)
+    with pytest.raises(MethodError, match="predictive"):
+        build_method("blob", {"predictive": "laplace"})
+
+
+def test_blob_kl_weighting_is_per_example():
+    assert build_method("blob").kl_scale(200) == pytest.approx(1 / 200)
+    assert build_method("blob", {"kl_weight": 8}).kl_scale(200) == pytest.approx(8 / 200)
+
+
+def test_ensemble_members_differ_and_all_train(examples):
+    method, model, scorer = _prepared("ens", {"n_members": 3})
+    assert adapter_names(model) == ["default", "member1", "member2"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(any(f".{m}." in n for n in trainable) for m in ("default", "member1", "member2"))
+    pred = method.predict(model, scorer, scorer.encode(examples[:4]))
+    assert pred.sample_probs.shape == (3, 4, 4)
+    assert not torch.allclose(pred.sample_probs[0], pred.sample_probs[1])
+    # one batched forward gives what each member gives alone
+    enc = scorer.encode(examples[:4])
+    alone = method.sample_logits(model, scorer, enc, 3, batched=False)
+    assert torch.allclose(alone, method.sample_logits(model, scorer, enc, 3), atol=1e-5)
+
+
+def _tiny_run(tmp_path, method: str, steps: int = 2, **kw):
+    config = TrainConfig(model=TINY, dataset="arith", method=method, max_steps=steps, batch_size=2,
+                         train_limit=8, save_every=1, max_length=64, **kw)
+    return train(config, tmp_path / method, progress=False)
+
+
+def test_ensemble_missing_member_is_a_clear_error(tmp_path):
+    run_dir = _tiny_run(tmp_path, "ens")
+    assert (run_dir / "adapter" / "member2" / "adapter_config.json").is_file()
+    load_run(run_dir)
+    (run_dir / "adapter" / "member2" / "adapter_config.json").unlink()
+    with pytest.raises(MethodError, match="member2"):
+        load_run(run_dir)
+
+
+def test_missing_or_corrupted_posterior(tmp_path, capsys):
+    run_dir = _tiny_run(tmp_path, "blob")
+    posterior = run_dir / "posterior.safetensors"
+    assert json.loads((run_dir / "run.json").read_text())["method"] == "blob"
+    posterior.write_bytes(b"\x00garbage")
+    with pytest.raises(MethodError, match="corrupted"):
+        load_run(run_dir)
+    posterior.unlink()
+    with pytest.raises(MethodError, match="needs its posterior"):
+        load_run(run_dir)
+    assert main(["eval", str(run_dir), "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "posterior" in err[0]
+
+
+def test_unknown_method_on_the_cli(tmp_path, capsys):
+    assert main(["train", "--model", TINY, "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_negative_samples_on_the_cli(tmp_path, capsys):
+    run_dir = _tiny_run(tmp_path, "mcd", steps=1)
+    assert main(["eval", str(run_dir), "--limit", "2", "--samples", "-1"]) == 2
+    assert "n_samples" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from bayeslora.methods.blob import Blob
+
+    calls = {"n": 0}
+    original = Blob.nll
+
+    def nll(self, *args, **kwargs):
+        calls["n"] += 1
+        value = original(self, *args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(Blob, "nll", nll)
+    with pytest.raises(TrainingError, match="step 3"):
+        _tiny_run(tmp_path, "blob", steps=4)
+    state = json.loads((tmp_path / "blob" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
