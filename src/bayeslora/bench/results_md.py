@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
