@@ -17,6 +17,7 @@ Only the positions that are needed go through the LM head (``logits_to_keep``), 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
@@ -105,6 +106,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def _capture_inputs(module: torch.nn.Module | None):
+    """Collect the first input of each forward call of ``module`` (nothing when ``module`` is None)."""
+    inputs: list[torch.Tensor] = []
+    if module is None:
+        yield inputs
+        return
+    handle = module.register_forward_hook(lambda mod, args, output: inputs.append(args[0]))
+    try:
+        yield inputs
+    finally:
+        handle.remove()
+
+
 class ChoiceScorer:
     """Base class: encode examples, run the model, return choice logits ``(B, C)``."""
 
@@ -130,9 +145,13 @@ class ChoiceScorer:
         """Choice logits ``(B, C)`` from the trailing vocabulary logits ``(R, n_keep, V)``."""
         raise NotImplementedError
 
-    def forward_vocab(self, model, enc: EncodedBatch) -> torch.Tensor:
-        """Run ``model`` and return vocabulary logits of the trailing positions ``(R, n_keep, V)``."""
-        with row_questions(model, enc.row_question):
+    def forward_vocab(self, model, enc: EncodedBatch, capture: torch.nn.Module | None = None):
+        """Run ``model`` and return vocabulary logits of the trailing positions ``(R, n_keep, V)``.
+
+        With ``capture`` (the LM head module), also return its inputs at the same positions ``(R, n_keep, H)``, so
+        a predictive can perturb the head alone without a second trunk forward.
+        """
+        with row_questions(model, enc.row_question), _capture_inputs(capture) as inputs:
             out = model(
                 input_ids=enc.input_ids,
                 attention_mask=enc.attention_mask,
@@ -140,7 +159,7 @@ class ChoiceScorer:
                 logits_to_keep=self.n_keep(enc),
                 use_cache=False,
             )
-        return out.logits
+        return out.logits if capture is None else (out.logits, inputs[0])
 
     def choice_logits(self, model, enc: EncodedBatch) -> torch.Tensor:
         """Choice logits ``(B, C)``, ``-inf`` at absent choices."""
@@ -260,16 +279,16 @@ class ClozeScorer(ChoiceScorer):
             cont_mask[r, : len(t)] = 1
         return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "cont_ids": cont_ids, "cont_mask": cont_mask}
 
-    def forward_vocab(self, model, enc: EncodedBatch) -> torch.Tensor:
+    def forward_vocab(self, model, enc: EncodedBatch, capture: torch.nn.Module | None = None):
         if not enc.shared_prefix:
-            return super().forward_vocab(model, enc)
-        return self._forward_shared(model, enc)
+            return super().forward_vocab(model, enc, capture)
+        return self._forward_shared(model, enc, capture)
 
-    def _forward_shared(self, model, enc: EncodedBatch) -> torch.Tensor:
+    def _forward_shared(self, model, enc: EncodedBatch, capture: torch.nn.Module | None = None):
         """Prefix pass (one row per question, KV cache kept) then continuation pass on the cache, gathered into
         the same right-aligned ``(R, K + 1, V)`` layout as the one-pass forward."""
         B = enc.prefix_ids.shape[0]
-        with row_questions(model, torch.arange(B, device=enc.prefix_ids.device)):
+        with row_questions(model, torch.arange(B, device=enc.prefix_ids.device)), _capture_inputs(capture) as pre_in:
             pre = model(input_ids=enc.prefix_ids, attention_mask=enc.prefix_mask,
                         position_ids=position_ids(enc.prefix_mask), use_cache=True, logits_to_keep=1)
         cache = pre.past_key_values
@@ -277,16 +296,21 @@ class ClozeScorer(ChoiceScorer):
         mask = torch.cat([enc.prefix_mask[enc.row_question], enc.cont_mask], dim=1)
         start = enc.prefix_mask.sum(-1)[enc.row_question, None]
         cont_pos = start + torch.arange(enc.cont_ids.shape[1], device=start.device)[None]
-        with row_questions(model, enc.row_question):
+        with row_questions(model, enc.row_question), _capture_inputs(capture) as cont_in:
             out = model(input_ids=enc.cont_ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=0)
-        # left-aligned per row: [logits predicting cont token 0, 1, ..., last]; then the position after the last
-        left = torch.cat([pre.logits[enc.row_question, -1:, :], out.logits], dim=1)  # (R, Tc + 1, V)
         lengths = enc.cont_mask.sum(-1)  # (R,)
         K = enc.target_ids.shape[1]
         # right-align: output position k (0..K) takes left position lengths - K + k (the last is unused by scoring)
         idx = (lengths[:, None] - K + torch.arange(K + 1, device=lengths.device)[None]).clamp(min=0)
-        return left.gather(1, idx[:, :, None].expand(-1, -1, left.shape[-1]))
+
+        def align(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+            # left-aligned per row: [position predicting cont token 0, 1, ..., last], then the one after the last
+            left = torch.cat([first[enc.row_question, -1:, :], rest], dim=1)  # (R, Tc + 1, D)
+            return left.gather(1, idx[:, :, None].expand(-1, -1, left.shape[-1]))
+
+        vocab = align(pre.logits, out.logits)
+        return vocab if capture is None else (vocab, align(pre_in[0], cont_in[0]))
 
     def n_keep(self, enc: EncodedBatch) -> int:
         # position t predicts token t + 1: the K targets need the K positions before the last token too

@@ -26,7 +26,7 @@ from enum import Enum
 
 import torch
 
-from ..peft_ext import GaussianLoraA, capture_input, head_lora, replace_lora_A, stochastic_layers
+from ..peft_ext import GaussianLoraA, head_lora, replace_lora_A, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
@@ -132,12 +132,8 @@ def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_sampl
     head = head_lora(model)
     if not isinstance(head.lora_A, GaussianLoraA):
         raise MethodError("The head predictive needs a Gaussian LoRA A on the LM head (a BLoB run)")
-    store, handle = capture_input(head.layer)
-    try:
-        vocab = scorer.forward_vocab(model, batch)  # (R, K, V) at the posterior mean
-    finally:
-        handle.remove()
-    h = store["x"]  # (R, K, H): the LM-head input of the kept positions
+    # (R, K, V) at the posterior mean, and the LM-head input (R, K, H) at the same positions
+    vocab, h = scorer.forward_vocab(model, batch, capture=head.layer)
     A_std = head.lora_A.std()
     out = []
     for _ in range(n_samples):

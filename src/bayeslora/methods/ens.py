@@ -67,10 +67,8 @@ class Ensemble(BayesianMethod):
         B = batch.n_questions
         if k == 1:
             return scorer.choice_logits(model, batch).unsqueeze(0)
-        rep = batch.repeat(k)
-        names = self.members
-        rows = [names[q // B] for q in rep.row_question.tolist()]
-        with adapter_rows(model, rows):
+        rep = batch.repeat(k)  # question s * B + b is member s's copy of question b
+        with adapter_rows(model, [self.members[q // B] for q in range(k * B)]):
             return scorer.choice_logits(model, rep).view(k, B, -1)
 
     def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
@@ -94,13 +92,13 @@ class Ensemble(BayesianMethod):
         out = []
         for s in range(n_samples):
             name = self.members[s % self.config.n_members]
-            with adapter_rows(model, [name] * batch.n_rows):
+            with adapter_rows(model, [name] * batch.n_questions):
                 out.append(scorer.choice_logits(model, batch))
         return torch.stack(out)
 
     def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
                  generator: torch.Generator | None = None):
-        """Question ``q`` (= row ``q``: one row per question, as in generation) uses member ``groups[q] mod K``."""
+        """Question ``q`` uses member ``groups[q] mod K``."""
         if groups.numel() == 0:
             return contextlib.nullcontext()
         names = self.members

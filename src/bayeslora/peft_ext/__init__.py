@@ -7,7 +7,7 @@ group* (a question: all of its rows share one weight sample) inside a :func:`sam
 a context the layer is deterministic (the posterior mean). Tested against peft 0.21.
 """
 
-from .adapters import HeadLora, activate_adapter, adapter_names, adapter_rows, capture_input, head_lora
+from .adapters import HeadLora, activate_adapter, adapter_names, adapter_rows, head_lora
 from .stochastic import (
     GaussianLoraA,
     SamplingState,
@@ -20,7 +20,7 @@ from .stochastic import (
     stochastic_layers,
 )
 
-__all__ = ["HeadLora", "activate_adapter", "adapter_names", "adapter_rows", "capture_input", "head_lora",
+__all__ = ["HeadLora", "activate_adapter", "adapter_names", "adapter_rows", "head_lora",
            "GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A", "row_questions",
            "sample_groups", "stochastic_layers"]
 

@@ -21,25 +21,49 @@ from torch import nn
 from .stochastic import lora_layers
 
 
-@contextlib.contextmanager
-def adapter_rows(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Within the context, row ``i`` of every forward of ``model`` goes through the adapter ``names[i]``.
+@dataclass
+class AdapterRouting:
+    """Question ``q`` goes through adapter ``names[q]``; ``rows`` maps the rows of the current forward to questions
+    (set by the scorer with :func:`~bayeslora.peft_ext.row_questions`; unset: row ``i`` is question ``i``)."""
 
-    ``names`` must have one entry per row of the batch (``len(names) == input_ids.shape[0]``); PEFT checks it.
+    names: list[str]
+    rows: torch.Tensor | None = None
+
+    def row_names(self, n_rows: int) -> list[str]:
+        if self.rows is None:
+            if n_rows != len(self.names):
+                raise RuntimeError(f"Adapter routing covers {len(self.names)} questions but the batch has {n_rows} rows")
+            return self.names
+        if self.rows.shape[0] != n_rows:
+            raise RuntimeError(f"The routing maps {self.rows.shape[0]} rows but the batch has {n_rows}")
+        return [self.names[q] for q in self.rows.tolist()]
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, names: list[str]) -> Iterator[AdapterRouting]:
+    """Within the context, *question* ``q`` of every forward of ``model`` goes through the adapter ``names[q]``.
+
+    Rows are mapped to questions like the stochastic layers' samples (:func:`row_questions`), so the cloze rows of
+    a question, its shared prompt and its continuations all use its adapter.
     """
-    handles = []
+    routing = AdapterRouting(list(names))
+    handles, layers = [], [layer for _, layer in lora_layers(model)]
 
     def hook(module, args, kwargs):
-        kwargs["adapter_names"] = names
+        x = args[0] if args else kwargs["x"]
+        kwargs["adapter_names"] = routing.row_names(x.shape[0])
         return args, kwargs
 
     try:
-        for _, layer in lora_layers(model):
+        for layer in layers:
+            layer._adapter_routing = routing
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        yield
+        yield routing
     finally:
         for handle in handles:
             handle.remove()
+        for layer in layers:
+            layer._adapter_routing = None
 
 
 @contextlib.contextmanager
@@ -84,13 +108,3 @@ def head_lora(model: nn.Module, adapter_name: str = "default") -> HeadLora:
             return HeadLora(layer, layer.lora_A[adapter_name], layer.lora_B[adapter_name],
                             float(layer.scaling[adapter_name]))
     raise ValueError("The model has no LoRA on its LM head: add lm_head to --target-modules to use a head predictive")
-
-
-def capture_input(module: nn.Module) -> tuple[dict, torch.utils.hooks.RemovableHandle]:
-    """Register a forward hook storing ``module``'s first input (``store["x"]``); remove the handle after use."""
-    store: dict = {}
-
-    def hook(mod, args, output):
-        store["x"] = args[0]
-
-    return store, module.register_forward_hook(hook)

@@ -156,9 +156,13 @@ def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None =
 
 @contextlib.contextmanager
 def row_questions(model: nn.Module, rows: torch.Tensor) -> Iterator[None]:
-    """Tell the active sampling context (if any) which question each row of the next forwards belongs to."""
-    layers = [m for m in stochastic_layers(model) if m._sampling is not None]
-    states = {id(m._sampling): m._sampling for m in layers}
+    """Tell the active sampling or adapter-routing contexts (if any) which question each row of the next forwards
+    belongs to."""
+    states = {}
+    for module in model.modules():
+        for state in (getattr(module, "_sampling", None), getattr(module, "_adapter_routing", None)):
+            if state is not None:
+                states[id(state)] = state
     previous = {k: st.rows for k, st in states.items()}
     for st in states.values():
         st.rows = rows
