@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_serve import add_serve_parser
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -178,7 +180,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
+PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser, add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
