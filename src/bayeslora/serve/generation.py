@@ -93,7 +93,7 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
                 if params.n_samples > 1 else contextlib.nullcontext())
     with sampling:
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        for _ in range(params.max_tokens):
+        for i in range(params.max_tokens):
             if should_stop():
                 return
             probs, total, aleatoric, epistemic = step_stats(out.logits[:, -1, :])
@@ -104,7 +104,7 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
                 values, indices = logp.topk(params.top_logprobs)
                 top = [(int(i), float(v)) for i, v in zip(indices, values)]
             yield TokenStep(token, float(logp[token]), total, aleatoric, epistemic, top)
-            if token in params.stop_token_ids:
+            if token in params.stop_token_ids or i + 1 == params.max_tokens:
                 return
             mask = torch.cat([mask, mask.new_ones((S, 1))], dim=1)
             step = torch.full((S, 1), token, dtype=torch.long, device=device)

@@ -72,7 +72,7 @@ class ServeSettings:
     samples: int | None = None  # default posterior samples (None: the method's own default)
     max_samples: int = 32
     max_tokens: int = 512  # upper limit of a request's max_tokens
-    default_max_tokens: int = 128
+    default_max_tokens: int = 128  # capped at max_tokens
     max_n: int = 4
     max_context: int | None = None  # prompt + max_tokens limit (default: the model's max_position_embeddings)
     queue_size: int = 32  # requests waiting behind the one being served; more are answered 503
@@ -85,9 +85,7 @@ class ServeSettings:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
-        if self.default_max_tokens > self.max_tokens:
-            raise ValueError(f"`default_max_tokens` ({self.default_max_tokens}) exceeds `max_tokens` "
-                             f"({self.max_tokens})")
+        self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
         if self.samples is not None and not 0 <= self.samples <= self.max_samples:
             raise ValueError(f"Expected `samples` in [0, {self.max_samples}], but got {self.samples!r}")
         if not 0.0 <= self.abstain_threshold <= 1.0:
