@@ -39,17 +39,9 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .serve import InferenceService
-    from .serve.app import create_app
+    from .serve.server import run_server
 
     settings = settings_from_args(args)
-    service = InferenceService.load(args.run_dir, args.model, settings)
-    app = create_app(settings, service)
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, let in-flight requests finish, then the app's shutdown
-    # drains the service queue.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=None)
-    uvicorn.Server(config).run()
+    run_server(settings, InferenceService.load(args.run_dir, args.model, settings), log_level=args.log_level)
     return 0

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -20,6 +16,7 @@ from bayeslora.predictive import Predictive
 from bayeslora.runs import Run
 from bayeslora.scoring import make_scorer
 from bayeslora.serve import InferenceService, ServeSettings, base_run
+from bayeslora.serve.server import background_server
 
 
 class GaussianTestMethod(BayesianMethod):
@@ -67,54 +64,24 @@ def tiny_stochastic_run() -> Run:
     return stochastic_run()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def live_server(service: InferenceService, settings: ServeSettings) -> Iterator[str]:
-    """Serve ``service`` with uvicorn on a free loopback port in a thread; yields the base URL."""
-    import uvicorn
-
-    from bayeslora.serve.app import create_app
-
-    port = free_port()
-    config = uvicorn.Config(create_app(settings, service), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_base_run) -> Iterator[str]:
     settings = ServeSettings(max_tokens=64, default_max_tokens=8, queue_size=64)
-    with live_server(InferenceService(tiny_base_run, settings), settings) as url:
+    with background_server(settings, InferenceService(tiny_base_run, settings)) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def stochastic_server(tiny_stochastic_run) -> Iterator[str]:
     settings = ServeSettings(max_tokens=64, default_max_tokens=8, max_samples=8, api_key="sekret")
-    with live_server(InferenceService(tiny_stochastic_run, settings, model_id="tiny-bayes"), settings) as url:
+    with background_server(settings, InferenceService(tiny_stochastic_run, settings, model_id="tiny-bayes")) as url:
         yield url
 
 
 @pytest.fixture
 def start_server():
-    """The :func:`live_server` context manager, for tests that need their own settings."""
-    return live_server
+    """:func:`~bayeslora.serve.server.background_server`, for tests that need their own settings."""
+    return background_server
 
 
 @pytest.fixture

@@ -162,7 +162,7 @@ def test_concurrent_requests_get_their_own_answers(server):
 def test_full_queue_answers_503(tiny_base_run, start_server):
     settings = ServeSettings(queue_size=1, max_tokens=8)
     service = InferenceService(tiny_base_run, settings)
-    with start_server(service, settings) as url:
+    with start_server(settings, service) as url:
         gate = threading.Event()
         blocker = service.submit(gate.wait, 30)  # occupies the worker
         while not blocker.running():

@@ -22,7 +22,7 @@ def test_fuzz_openapi_schema_gives_no_server_error(tiny_base_run, start_server):
     settings = ServeSettings(max_tokens=4, default_max_tokens=4, max_n=2, max_samples=2, max_context=256)
     service = InferenceService(tiny_base_run, settings)
     statuses: list[int] = []
-    with start_server(service, settings) as url:
+    with start_server(settings, service) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         stop_at = time.monotonic() + TIME_BUDGET_S
         operations = [result.ok() for result in schema.get_all_operations()]
