@@ -120,7 +120,7 @@ def _environment() -> dict:
     import transformers
 
     try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     except OSError:
         cpu = platform.processor()
@@ -193,25 +193,26 @@ def write_report(out: Path, r: dict, argv: list[str]) -> None:
         f"- command: `{command}`",
         f"- hardware: {env['cpu']}, {env['torch_threads']} torch threads (2 cores, shared with other jobs)",
         f"- versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}",
-        f"- model: `{r['model']}`, run: `{r['run']}` (method `{r['method']}`), prompt {r['prompt_tokens']} tokens, "
-        f"{r['max_tokens']} generated tokens per request (greedy, stop tokens off), {r['repeats']} interleaved requests per path, median tokens/s", "",
+        (f"- model: `{r['model']}`, run: `{r['run']}` (method `{r['method']}`), prompt {r['prompt_tokens']} tokens, "
+         f"{r['max_tokens']} generated tokens per request (greedy, stop tokens off), {r['repeats']} interleaved "
+         "requests per path, median tokens/s"), "",
         "## Decoding throughput (one request at a time)", "",
         "| path | tokens/s | ratio vs plain |", "|---|---:|---:|",
         f"| plain `model.generate` (greedy, KV cache) | {t['plain_generate_tok_s']} | 1.00 |",
-        f"| service decoding with confidence (in-process) | {t['service_confidence_tok_s']} | "
-        f"{t['ratio_service_vs_plain']} |",
+        (f"| service decoding with confidence (in-process) | {t['service_confidence_tok_s']} | "
+         f"{t['ratio_service_vs_plain']} |"),
         f"| `POST /v1/chat/completions` over loopback HTTP | {t['http_confidence_tok_s']} | {t['ratio_http_vs_plain']} |",
         "", "## Posterior samples decoded as one batch (Gaussian LoRA A posterior, BLoB-shaped)", "",
         "S = 1 here runs the same stochastic layers outside a sampling context (the posterior mean).", "",
         "| S | tokens/s | cost vs S=1 |", "|---|---:|---:|",
         *[f"| {k[2:]} | {v['tok_s']} | {v['cost_vs_S1']} |" for k, v in r["posterior_samples"].items()],
         "", "## Load test (loopback, bounded)", "",
-        f"{load['clients']} concurrent clients sending `/v1/chat/completions` (max_tokens {load['max_tokens']}, "
-        f"temperature 0.7) back to back for {load['duration_s']} s, served by one worker from the bounded queue:", "",
+        (f"{load['clients']} concurrent clients sending `/v1/chat/completions` (max_tokens {load['max_tokens']}, "
+         f"temperature 0.7) back to back for {load['duration_s']} s, served by one worker from the bounded queue:"), "",
         "| requests | errors | p50 latency (s) | p99 latency (s) | requests/s | tokens/s |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {load['requests']} | {load['errors']} | {load['p50_s']} | {load['p99_s']} | {load['req_per_s']} | "
-        f"{load['tokens_per_s']} |", "",
+        (f"| {load['requests']} | {load['errors']} | {load['p50_s']} | {load['p99_s']} | {load['req_per_s']} | "
+         f"{load['tokens_per_s']} |"), "",
         "Latency includes queueing: with one worker, p50 is about (clients x service time per request).", "",
     ]
     atomic_write_text(out, "\n".join(lines))

@@ -46,8 +46,8 @@ def stochastic_run(n_samples: int = 4, std: float = 0.5) -> Run:
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    rho = lambda lin: torch.full_like(lin.weight, std)  # noqa: E731
-    replace_lora_A(peft_model, lambda name, lin: GaussianLoraA(lin, rho(lin), std_fn=lambda r: r, trainable=False))
+    replace_lora_A(peft_model, lambda name, lin: GaussianLoraA(lin, torch.full_like(lin.weight, std),
+                                                               std_fn=lambda r: r, trainable=False))
     peft_model.eval()
     scorer = make_scorer("cloze", tokenizer, max_length=128)
     info = {"model": "tiny-random-llama", "method": method.name, "format": "cloze"}

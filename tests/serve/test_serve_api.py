@@ -143,6 +143,11 @@ def test_bad_input_gives_openai_error(http, path, body, status, param):
         assert error["param"] is not None and error["param"].startswith(param), error
 
 
+def test_oversized_body_is_refused(http):
+    r = http.post("/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
 def test_unknown_route_and_method_are_openai_errors(http):
     assert http.get("/v1/nothing").json()["error"]["type"] == "invalid_request_error"
     r = http.get("/v1/chat/completions")
@@ -152,7 +157,10 @@ def test_unknown_route_and_method_are_openai_errors(http):
 def test_concurrent_requests_get_their_own_answers(server):
     prompts = [f"prompt number {i}:" for i in range(8)]
     c = client(server)
-    ask = lambda p: c.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text  # noqa
+
+    def ask(prompt: str) -> str:
+        return c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
     serial = [ask(p) for p in prompts]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         parallel = list(pool.map(ask, prompts))

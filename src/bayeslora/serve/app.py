@@ -24,6 +24,7 @@ from .service import InferenceService, ServeSettings, ServiceError
 log = logging.getLogger("bayeslora.serve")
 
 PUBLIC_PATHS = {"/health"}
+MAX_BODY_BYTES = 4 * 1024 * 1024  # larger bodies are refused before they are read (413)
 ERROR_RESPONSES = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 503)}
 _END = object()
 
@@ -58,6 +59,16 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):  # last resort: a bug, logged with its traceback
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", None, "internal_error")
+
+
+def _install_body_limit(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"The request body must be at most {MAX_BODY_BYTES} bytes with a valid "
+                                  "Content-Length", "invalid_request_error", None, "request_too_large")
+        return await call_next(request)
 
 
 def _install_auth(app: FastAPI, api_key: str | None) -> None:
@@ -131,7 +142,8 @@ def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     _install_error_handlers(app)
-    _install_auth(app, settings.api_key)
+    _install_body_limit(app)
+    _install_auth(app, settings.api_key)  # added last: runs first, so unauthenticated bodies are never examined
 
     @app.get("/health", response_model=P.Health)
     async def health(request: Request) -> P.Health:

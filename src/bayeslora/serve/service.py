@@ -305,7 +305,10 @@ class InferenceService:
 
     def _confidence(self, steps: list[TokenStep], params: DecodeParams) -> P.Confidence:
         n = len(steps)
-        mean = (lambda xs: sum(xs) / n if n else 0.0)  # noqa: E731
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / n if n else 0.0
+
         return P.Confidence(score=sequence_confidence([s.logprob for s in steps]),
                             mean_entropy=mean([s.entropy for s in steps]),
                             max_entropy=max((s.entropy for s in steps), default=0.0),
@@ -334,9 +337,10 @@ class InferenceService:
         generator = self._generator(req.seed)
         response = P.ChatCompletionResponse(model=self.model_id, choices=[], usage=P.Usage(
             prompt_tokens=len(prompt), completion_tokens=0, total_tokens=len(prompt)))
-        chunk = lambda choice, usage=None: P.ChatCompletionChunk(  # noqa: E731
-            id=response.id, created=response.created, model=self.model_id, choices=[choice] if choice else [],
-            usage=usage)
+        def chunk(choice: P.ChatChunkChoice | None, usage: P.Usage | None = None) -> P.ChatCompletionChunk:
+            return P.ChatCompletionChunk(id=response.id, created=response.created, model=self.model_id,
+                                         choices=[choice] if choice else [], usage=usage)
+
         for index in range(req.n or 1):
             on_delta = None
             if emit is not None:
@@ -383,9 +387,10 @@ class InferenceService:
         response = P.CompletionResponse(model=self.model_id, choices=[])
         usage = P.Usage(prompt_tokens=sum(len(i) for i in encoded) * (req.n or 1), completion_tokens=0,
                         total_tokens=0)
-        chunk = lambda choice, usage=None: P.CompletionResponse(  # noqa: E731
-            id=response.id, created=response.created, model=self.model_id, choices=[choice] if choice else [],
-            usage=usage)
+        def chunk(choice: P.CompletionChoice | None, usage: P.Usage | None = None) -> P.CompletionResponse:
+            return P.CompletionResponse(id=response.id, created=response.created, model=self.model_id,
+                                        choices=[choice] if choice else [], usage=usage)
+
         for p, (text, ids) in enumerate(zip(prompts, encoded)):
             for j in range(req.n or 1):
                 index = p * (req.n or 1) + j
