@@ -125,6 +125,11 @@ async def _stream(service: InferenceService, fn, req) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _complete(service: InferenceService, fn, req):
+    """A completion request: streamed as server-sent events or answered in one response."""
+    return await (_stream(service, fn, req) if req.stream else _run(service, fn, req))
+
+
 def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
     """The ASGI app; the service's worker starts with the app and drains its queue on shutdown."""
 
@@ -156,16 +161,12 @@ def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         svc = request.app.state.service
-        if req.stream:
-            return await _stream(svc, svc.chat_completion, req)
-        return await _run(svc, svc.chat_completion, req)
+        return await _complete(svc, svc.chat_completion, req)
 
     @app.post("/v1/completions", response_model=P.CompletionResponse)
     async def completions(req: P.CompletionRequest, request: Request):
         svc = request.app.state.service
-        if req.stream:
-            return await _stream(svc, svc.completion, req)
-        return await _run(svc, svc.completion, req)
+        return await _complete(svc, svc.completion, req)
 
     @app.post("/v1/choices", response_model=P.ChoicesResponse)
     async def choices(req: P.ChoicesRequest, request: Request) -> P.ChoicesResponse:
