@@ -3,6 +3,13 @@ bounded load test over loopback. Writes a Markdown report (with the command, har
 
     python bench/serve_bench.py --model smollm2-135m --run RUN_DIR --out docs/results/serve.md
 
+docs/results/serve.md was made with an MLE run trained for 3 steps (its weights do not change the cost)::
+
+    flock /tmp/bayeslora-cpu.lock bayeslora train --model smollm2-135m --dataset arith --max-steps 3 \
+        --batch-size 4 --save-every 0 --out /tmp/serve-bench/mle
+    flock /tmp/bayeslora-cpu.lock python bench/serve_bench.py --model smollm2-135m --run /tmp/serve-bench/mle \
+        --max-tokens 32 --repeats 5 --samples 4,10 --clients 16 --duration 30 --load-max-tokens 8
+
 Everything runs in this process: the server is uvicorn in a thread bound to 127.0.0.1 on a free port, and it is
 stopped at the end. Every phase is bounded by a request count or a duration.
 """
