@@ -187,3 +187,19 @@ def test_full_queue_answers_503(tiny_base_run, start_server):
         blocker.result(10), queued.result(10)
         ok = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}, trust_env=False, timeout=30)
         assert ok.status_code == 200
+
+
+def test_cancelled_stream_stops_generating(tiny_base_run):
+    from bayeslora.serve.protocol import CompletionRequest
+
+    service = InferenceService(tiny_base_run, ServeSettings(max_tokens=64))
+    cancelled = threading.Event()
+    chunks = []
+
+    def emit(chunk):  # the client "disconnects" after the first chunk
+        chunks.append(chunk)
+        cancelled.set()
+
+    req = CompletionRequest(model=MODEL, prompt="x", max_tokens=64, temperature=0, stream=True)
+    out = service.completion(req, emit, cancelled)
+    assert chunks and out.usage.completion_tokens < 64
