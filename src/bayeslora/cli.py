@@ -180,7 +180,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser, add_serve_parser]
+PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+PARSERS.append(add_serve_parser)
 
 
 if __name__ == "__main__":
