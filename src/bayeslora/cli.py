@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_serve import add_serve_parser
-
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -204,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-PARSERS.append(add_serve_parser)
+def _serve_parser(sub) -> None:
+    from .cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+
+PARSERS.append(_serve_parser)
 
 
 if __name__ == "__main__":
