@@ -25,7 +25,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before 503")
     p.add_argument("--abstain-threshold", type=float, default=0.5, help="/v1/choices abstains below it")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
 
 
