@@ -208,5 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _serve_parser(sub) -> None:
+    from .cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+
+PARSERS.append(_serve_parser)
+
+
 if __name__ == "__main__":
     sys.exit(main())

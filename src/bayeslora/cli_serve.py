@@ -1,0 +1,48 @@
+"""``bayeslora serve``: the CLI front of :mod:`bayeslora.serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a run (or a base model) over an OpenAI-compatible HTTP API",
+                       description="Serve RUN_DIR (any saved method) or, without it, the base model --model with no "
+                       "adapter: /v1/chat/completions and /v1/completions (OpenAI schema + a `confidence` object per "
+                       "choice), /v1/choices (multiple-choice predictive with uncertainty), /v1/models, /health, "
+                       "/openapi.json.")
+    p.add_argument("run_dir", nargs="?", default=None, help="run directory written by `bayeslora train`")
+    p.add_argument("--model", default=None, help="base model spec (default: the run's, else smollm2-135m)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument("--model-name", default=None, help="model id in /v1/models (default: run dir name or model spec)")
+    p.add_argument("--samples", type=int, default=None, help="posterior samples S per request (default: method's)")
+    p.add_argument("--max-samples", type=int, default=32, help="largest S a request may ask for")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=128, help="max_tokens when a request gives none")
+    p.add_argument("--max-n", type=int, default=4, help="largest n (choices per request)")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--queue-size", type=int, default=32, help="requests waiting before 503")
+    p.add_argument("--abstain-threshold", type=float, default=0.5, help="/v1/choices abstains below it")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from .serve import ServeSettings
+
+    return ServeSettings(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+                         samples=args.samples, max_samples=args.max_samples, max_tokens=args.max_tokens,
+                         default_max_tokens=args.default_max_tokens, max_n=args.max_n, max_context=args.max_context,
+                         queue_size=args.queue_size, abstain_threshold=args.abstain_threshold)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import InferenceService
+    from .serve.server import run_server
+
+    settings = settings_from_args(args)
+    run_server(settings, InferenceService.load(args.run_dir, args.model, settings), log_level=args.log_level)
+    return 0

@@ -1,0 +1,176 @@
+"""FastAPI routes over :class:`~.service.InferenceService`: thin handlers, state on ``app.state``, OpenAI errors.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: request validation (including invalid
+JSON) -> 400, unknown model -> 404, missing/wrong API key -> 401, full queue or shutdown -> 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .service import InferenceService, ServeSettings, ServiceError
+
+log = logging.getLogger("bayeslora.serve")
+
+PUBLIC_PATHS = {"/health"}
+MAX_BODY_BYTES = 4 * 1024 * 1024  # larger bodies are refused before they are read (413)
+ERROR_RESPONSES = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 503)}
+_END = object()
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = f"{first.get('msg', 'Invalid request')}" + (f" (at {'.'.join(loc)})" if loc else "")
+        if len(errors) > 1:
+            message += f"; and {len(errors) - 1} more error(s)"
+        return error_response(400, message, "invalid_request_error", ".".join(loc) or None, first.get("type"))
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError):
+        return error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), type_, None, None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # last resort: a bug, logged with its traceback
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", None, "internal_error")
+
+
+def _install_body_limit(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"The request body must be at most {MAX_BODY_BYTES} bytes with a valid "
+                                  "Content-Length", "invalid_request_error", None, "request_too_large")
+        return await call_next(request)
+
+
+def _install_auth(app: FastAPI, api_key: str | None) -> None:
+    if not api_key:
+        return
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if request.url.path not in PUBLIC_PATHS:
+            given = request.headers.get("authorization", "").encode()
+            if not secrets.compare_digest(given, expected):
+                return error_response(401, "Missing or invalid API key: send `Authorization: Bearer KEY`",
+                                      "invalid_request_error", None, "invalid_api_key")
+        return await call_next(request)
+
+
+async def _run(service: InferenceService, fn, *args):
+    return await asyncio.wrap_future(service.submit(fn, *args))
+
+
+async def _stream(service: InferenceService, fn, req) -> StreamingResponse:
+    """Run ``fn(req, emit, cancelled)`` on the worker and relay what it emits as server-sent events.
+
+    Errors raised before the first event (validation) become normal error responses; later ones end the stream
+    with an ``error`` event. A client that disconnects cancels its generation at the next token.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+    future = asyncio.wrap_future(service.submit(fn, req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                                                cancelled))
+    future.add_done_callback(lambda _: events.put_nowait(_END))
+    first = await events.get()
+    if first is _END:
+        future.result()  # raises the request's error
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            item = first
+            while item is not _END:
+                yield f"data: {item.model_dump_json()}\n\n"
+                item = await events.get()
+            exc = future.exception()
+            if exc is not None:
+                status, type_ = (exc.status, exc.type) if isinstance(exc, ServiceError) else (500, "server_error")
+                error = P.ErrorResponse(error=P.ErrorInfo(message=str(exc), type=type_, code=str(status)))
+                yield f"data: {error.model_dump_json()}\n\n"
+            else:
+                yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _complete(service: InferenceService, fn, req):
+    """A completion request: streamed as server-sent events or answered in one response."""
+    return await (_stream(service, fn, req) if req.stream else _run(service, fn, req))
+
+
+def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
+    """The ASGI app; the service's worker starts with the app and drains its queue on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.close)
+
+    app = FastAPI(title="bayeslora", version="0.1.0", lifespan=lifespan, responses=ERROR_RESPONSES,
+                  description="OpenAI-compatible completions with calibrated confidence, and multiple-choice "
+                  "predictions with uncertainty, from a (Bayesian) LoRA fine-tuned model.")
+    app.state.settings = settings
+    app.state.service = service
+    _install_error_handlers(app)
+    _install_body_limit(app)
+    _install_auth(app, settings.api_key)  # added last: runs first, so unauthenticated bodies are never examined
+
+    @app.get("/health", response_model=P.Health)
+    async def health(request: Request) -> P.Health:
+        return request.app.state.service.health()
+
+    @app.get("/v1/models", response_model=P.ModelList)
+    async def models(request: Request) -> P.ModelList:
+        return request.app.state.service.models()
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    async def chat_completions(req: P.ChatCompletionRequest, request: Request):
+        svc = request.app.state.service
+        return await _complete(svc, svc.chat_completion, req)
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse)
+    async def completions(req: P.CompletionRequest, request: Request):
+        svc = request.app.state.service
+        return await _complete(svc, svc.completion, req)
+
+    @app.post("/v1/choices", response_model=P.ChoicesResponse)
+    async def choices(req: P.ChoicesRequest, request: Request) -> P.ChoicesResponse:
+        svc = request.app.state.service
+        return await _run(svc, svc.choose, req)
+
+    return app
