@@ -22,7 +22,10 @@ from .scoring import make_scorer
 from .tasks import load_task
 from .train import train
 
-DEFAULT_DEMO_METHODS = ("mle",)
+DEFAULT_DEMO_METHODS = ("mle", "blob")
+# BLoB predicts with its cheap head predictive in the demo: the trunk runs once, 10 samples of the LM head's LoRA
+# (measured in docs/RESULTS.md against full 10-sample MC).
+DEMO_METHOD_OPTIONS = {"blob": {"predictive": "head"}}
 EVAL_SETS = (("arith", "in-distribution"), ("arith-ood", "out-of-distribution"))
 
 
@@ -50,7 +53,7 @@ def format_table(rows: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, model: str = "smollm2-135m", steps: int = 150, eval_limit: int = 300,
+def run_demo(out: Path, model: str = "smollm2-135m", steps: int = 60, eval_limit: int = 200,
              methods: list[str] | tuple[str, ...] = DEFAULT_DEMO_METHODS, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
@@ -63,7 +66,8 @@ def run_demo(out: Path, model: str = "smollm2-135m", steps: int = 150, eval_limi
     for method in methods:
         print(f"[demo] fine-tuning with {method} for {steps} steps", flush=True)
         run_dir = out / f"run-{method}"
-        cfg = TrainConfig(**{**config.to_dict(), "method": method})
+        cfg = TrainConfig(**{**config.to_dict(), "method": method,
+                             "method_options": DEMO_METHOD_OPTIONS.get(method, {})})
         train(cfg, run_dir, resume=(run_dir / "checkpoint").is_dir())
         results[f"LoRA {method}"] = _evaluate_all(load_run(run_dir), method, sets, out)
     rows = [(label, name, r) for label, per in results.items() for name, r in per.items()]
