@@ -37,6 +37,11 @@ def test_choose_token_greedy_and_nucleus():
     assert {choose_token(probs, 1.0, 0.9, g) for _ in range(200)} == {1, 2}
 
 
+def test_nucleus_with_a_denormal_top_p_keeps_the_best_token():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    assert choose_token(probs, 1.0, 5e-324, torch.Generator().manual_seed(0)) == 1
+
+
 def test_sequence_confidence_is_geometric_mean():
     assert sequence_confidence([]) == 1.0
     assert sequence_confidence([math.log(0.5), math.log(0.125)]) == pytest.approx(0.25)

@@ -67,6 +67,7 @@ def choose_token(probs: torch.Tensor, temperature: float, top_p: float, generato
         sorted_w, order = weights.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the best token)
         keep = (sorted_w.cumsum(0) - sorted_w) < top_p
+        keep[0] = True  # a top_p below float32's smallest number compares as 0 and would keep nothing
         weights = torch.zeros_like(weights).scatter_(0, order[keep], sorted_w[keep])
     return int(torch.multinomial(weights.cpu(), 1, generator=generator))
 
