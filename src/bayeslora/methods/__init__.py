@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import mle  # noqa: F401  (registration side effect)
+from . import mle, sgp  # noqa: F401  (registration side effect)
 from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
 from .registry import METHODS, build_method, get_method_class, register_method
 

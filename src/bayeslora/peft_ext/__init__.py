@@ -14,12 +14,14 @@ from .stochastic import (
     lora_layers,
     posterior_state,
     replace_lora_A,
+    replace_lora_B,
     row_questions,
     sample_groups,
     stochastic_layers,
 )
 
-__all__ = ["GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A", "row_questions",
+__all__ = ["GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A",
+           "replace_lora_B", "row_questions",
            "sample_groups", "stochastic_layers"]
 
 import warnings
