@@ -175,14 +175,24 @@ def test_training_step_kl_and_gradients():
 
 def test_predict_samples_one_weight_per_question():
     method, model, tokenizer = _prepared({"init_lamda": 0.03, "init_sd_u": 0.1, "sample_chunk": 2})
-    scorer, enc = _batch(tokenizer)
+    scorer, enc = _batch(tokenizer, n=2)
     pred = method.predict(model, scorer, enc, n_samples=5, generator=torch.Generator().manual_seed(0))
-    assert pred.probs.shape == (3, 4) and pred.sample_probs.shape == (5, 3, 4)
-    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(3))
+    assert pred.probs.shape == (2, 4) and pred.sample_probs.shape == (5, 2, 4)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(2))
     assert (pred.sample_probs[0] - pred.sample_probs[1]).abs().max() > 0  # samples differ
     again = method.predict(model, scorer, enc, n_samples=5, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pred.sample_probs, again.sample_probs, atol=0, rtol=0)
     assert method.predict(model, scorer, enc, n_samples=0).n_samples == 0
+
+
+def test_half_precision_model_keeps_float32_posterior():
+    base, tokenizer = build_tiny_llama()
+    method = build_method("sgp")
+    model = method.prepare(base.to(torch.bfloat16), TINY_ADAPTER)
+    assert all(p.dtype == torch.float32 for m in method._layers for n, p in m.named_parameters() if n != "weight")
+    scorer, enc = _batch(tokenizer, n=2)
+    pred = method.predict(model, scorer, enc, n_samples=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(pred.probs).all()
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):

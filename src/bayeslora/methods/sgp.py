@@ -108,7 +108,9 @@ class SGPLoraFactor(StochasticLoraA):
     def __init__(self, linear: nn.Linear, config: SGPConfig):
         super().__init__(linear)
         self.weight.requires_grad_(False)  # the factor is generated; PEFT's weight is kept only for reloading
-        kw = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+        # posterior tensors and the generation math stay float32 even on a half-precision model (as the reference
+        # code's forced fp32 I/O): Cholesky and triangular solves are not available or not stable in 16 bits
+        kw = dict(dtype=torch.float32, device=linear.weight.device)
         d_out, d_in, m_r, m_c = linear.out_features, linear.in_features, config.inducing_rows, config.inducing_cols
         self.prior_sd = config.prior_sd / math.sqrt(d_in) if config.sqrt_width_scaling else config.prior_sd
         self.max_lamda, self.max_sd_u = config.max_lamda, config.max_sd_u
@@ -174,14 +176,14 @@ class SGPLoraFactor(StochasticLoraA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, cols = self.priors()
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (R, T, d_in)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).float()  # (R, T, d_in)
         xc = flat @ cols.Q  # (R, T, m_c)
         state = self._sampling
         if state is None:
             u, _ = self.apply_flow(self.inducing_mean[None])
             out = (xc @ u[0].T) @ rows.Q.T
         else:
-            eps, e1, e2, e3, e4 = self._noise(state, x)
+            eps, e1, e2, e3, e4 = self._noise(state, flat)
             u0 = self.inducing_mean + self.sd_u() * eps  # (G, m_r, m_c)
             u, _ = self.apply_flow(u0)
             lam = self.lamda()
@@ -191,7 +193,7 @@ class SGPLoraFactor(StochasticLoraA):
             out = out + lam * per_group_matmul(flat, e1.transpose(1, 2), groups)
             if torch.is_grad_enabled():
                 self._flow_kl = self.flow_kl(u0)
-        return (self.prior_sd * out).reshape(*x.shape[:-1], self.out_features)
+        return (self.prior_sd * out).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def _matches(layer_name: str, targets: list[str]) -> bool:

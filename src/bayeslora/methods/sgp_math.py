@@ -64,7 +64,7 @@ class WhitenedPrior:
 
 
 def whitened_prior(Z: torch.Tensor, d: torch.Tensor, name: str = "K") -> WhitenedPrior:
-    """From the inducing inputs ``Z`` (m, d) and positive diagonal ``d`` (m,): ``Q = (L⁻¹ Z)ᵀ``, ``P = L⁻¹ diag(d)``."""
+    """From inducing inputs ``Z`` (m, d) and a positive diagonal ``d`` (m,): ``Q = (L⁻¹ Z)ᵀ``, ``P = L⁻¹ diag(d)``."""
     K = Z @ Z.T + torch.diag(d.pow(2))
     L = jittered_cholesky(K, name)
     QT = torch.linalg.solve_triangular(L, Z, upper=False)  # (m, d)

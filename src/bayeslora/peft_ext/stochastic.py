@@ -97,7 +97,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def replace_lora_A(model: nn.Module, factory: Callable[[str, nn.Linear], StochasticLoraA],
-                   adapter_name: str = "default", include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
+                   adapter_name: str = "default",
+                   include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
     """Swap each LoRA layer's ``lora_A[adapter_name]`` for ``factory(layer_name, linear)``.
 
     ``include(layer_name)`` (optional) selects the LoRA layers to swap; the others keep their plain Linear.
@@ -106,7 +107,8 @@ def replace_lora_A(model: nn.Module, factory: Callable[[str, nn.Linear], Stochas
 
 
 def replace_lora_B(model: nn.Module, factory: Callable[[str, nn.Linear], StochasticLoraA],
-                   adapter_name: str = "default", include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
+                   adapter_name: str = "default",
+                   include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
     """Like :func:`replace_lora_A` for the ``lora_B`` factor (``weight`` (d_out, r)); for methods that make both
     LoRA factors stochastic (``sgp``)."""
     return _replace_factor(model, "lora_B", factory, adapter_name, include)
