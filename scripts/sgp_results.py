@@ -31,6 +31,7 @@ REAL = "smollm2-135m"  # --model tiny-random-llama smoke-tests the stages
 SAMPLES = [1, 4, 10, 32]
 PAPER_TARGETS = ["q_proj", "k_proj", "lm_head"]
 MODEL = [REAL]
+DEFAULT_LR = 3e-4
 
 
 def _write(out: Path, name: str, obj: dict) -> None:
@@ -101,27 +102,39 @@ def stage_speed(out: Path, steps: int, dataset: str) -> None:
     _write(out, "speed.json", result)
 
 
-def stage_train(out: Path, method: str, dataset: str, steps: int, seed: int) -> None:
-    run = out / f"quality-{dataset}-{method}-seed{seed}"
+def _run_name(dataset: str, method: str, seed: int, lr: float) -> str:
+    return f"quality-{dataset}-{method}-seed{seed}" + ("" if lr == DEFAULT_LR else f"-lr{lr:g}")
+
+
+def stage_train(out: Path, method: str, dataset: str, steps: int, seed: int, lr: float) -> None:
+    run = out / _run_name(dataset, method, seed, lr)
     t0 = time.perf_counter()
-    _train(run, method, dataset=dataset, max_steps=steps, seed=seed)
-    _write(out, f"train-{dataset}-{method}-seed{seed}.json", {"run": str(run), "wall_s": time.perf_counter() - t0})
+    _train(run, method, dataset=dataset, max_steps=steps, seed=seed, lr=lr)
+    _write(out, f"train-{run.name}.json", {"run": str(run), "wall_s": time.perf_counter() - t0})
 
 
-def stage_quality(out: Path, dataset: str, eval_sets: list[str], limit: int, seed: int) -> None:
+def stage_quality(out: Path, dataset: str, eval_sets: list[str], limit: int, seed: int, lr: float,
+                  methods: list[str]) -> None:
     from bayeslora.evaluate import evaluate_examples
     from bayeslora.runs import load_run
     from bayeslora.tasks import load_task
 
     rows = []
-    for method, samples in (("mle", [0]), ("sgp", [0, *SAMPLES])):
-        run = load_run(out / f"quality-{dataset}-{method}-seed{seed}")
+    for method in methods:
+        samples = [0] if method == "mle" else [0, *SAMPLES]
+        run = load_run(out / _run_name(dataset, method, seed, lr if method == "sgp" else DEFAULT_LR))
         for eval_set in eval_sets:
             examples = load_task(eval_set, "validation", limit=limit)
             for s in samples:
                 metrics, _ = evaluate_examples(run, examples, n_samples=s, seed=0)
                 rows.append({"method": method, "eval": eval_set, "S": s, **metrics})
-    _write(out, f"quality-{dataset}-seed{seed}-{'+'.join(eval_sets)}.json", {"train": dataset, "limit": limit, "seed": seed, "rows": rows})
+    name = f"quality-{dataset}-seed{seed}-{'+'.join(eval_sets)}-{'+'.join(methods)}" + _lr_tag(lr)
+    _write(out, name + ".json", {"train": dataset, "limit": limit, "seed": seed, "lr": lr, "rows": rows,
+                               "argv": sys.argv[1:]})
+
+
+def _lr_tag(lr: float) -> str:
+    return "" if lr == DEFAULT_LR else f"-sgp-lr{lr:g}"
 
 
 def _versions() -> str:
@@ -172,13 +185,14 @@ def stage_render(out: Path, doc: Path) -> None:
                   f"| ratio sgp / mle | **{s['ratio_sgp_over_mle']:.2f}x** (paper: ~1.2x) |", ""]
     for qfile in sorted(out.glob("quality-*-seed*.json")):
         q = json.loads(qfile.read_text())
-        lines += [f"## Quality check: trained on `{q['train']}` (seed {q['seed']})", "",
-                  f"Commands: `flock /tmp/bayeslora-cpu.lock python scripts/sgp_results.py train --out "
-                  f"runs/sgp-results --method M --dataset {q['train']} --seed {q['seed']}` for M = mle, sgp "
-                  f"(SmolLM2-135M, cloze, 100 steps, batch 8, lr 3e-4, CLI-default LoRA r 8 on q_proj, v_proj, "
-                  f"lm_head; sgp adds k_proj and generates the q/k/lm_head factors), then `... quality --out "
-                  f"runs/sgp-results --dataset {q['train']} --seed {q['seed']}`: first {q['limit']} validation "
-                  f"questions. S = test-time samples (0: deterministic posterior mode).", "",
+        lr = q.get("lr", DEFAULT_LR)
+        lines += [f"## Quality check: trained on `{q['train']}` (seed {q['seed']}, sgp lr {lr:g})", "",
+                  "Commands: `flock /tmp/bayeslora-cpu.lock python scripts/sgp_results.py train --out "
+                  f"runs/sgp-results --method M --dataset {q['train']} --seed {q['seed']} [--lr L]` for M = mle "
+                  f"and sgp (sgp: `--lr {lr:g}`), SmolLM2-135M, cloze, 100 steps, batch 8, CLI-default LoRA r 8 on "
+                  "q_proj, v_proj, lm_head (sgp adds k_proj and generates the q/k/lm_head factors); then "
+                  f"`python scripts/sgp_results.py {' '.join(q.get('argv', ['quality']))}`: the first "
+                  f"{q['limit']} validation questions. S = test-time samples (0: deterministic posterior mode).", "",
                   "| method | eval set | S | acc | ECE (%) | NLL | Brier | eval s |", "|---|---|---|---|---|---|---|---|"]
         for r in q["rows"]:
             lines.append(f"| {r['method']} | {r['eval']} | {r['S']} | {r['acc']:.3f} | {r['ece']:.2f} | "
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--model", default=REAL)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="learning rate of the (sgp) quality run")
+    parser.add_argument("--methods", default="mle,sgp", help="methods evaluated by the quality stage")
     parser.add_argument("--doc", type=Path, default=Path("docs/results/sgp.md"))
     args = parser.parse_args(argv)
     MODEL[0] = args.model
@@ -225,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "speed":
         stage_speed(args.out, args.steps or 6, args.dataset)
     elif args.stage == "train":
-        stage_train(args.out, args.method, args.dataset, args.steps or 100, args.seed)
+        stage_train(args.out, args.method, args.dataset, args.steps or 100, args.seed, args.lr)
     elif args.stage == "quality":
-        stage_quality(args.out, args.dataset, args.eval_sets.split(","), args.limit, args.seed)
+        stage_quality(args.out, args.dataset, args.eval_sets.split(","), args.limit, args.seed, args.lr,
+                      args.methods.split(","))
     else:
         stage_render(args.out, args.doc)
     return 0
