@@ -120,6 +120,7 @@ def stage_quality(out: Path, dataset: str, eval_sets: list[str], limit: int, see
     from bayeslora.tasks import load_task
 
     rows = []
+    name = f"quality-{dataset}-seed{seed}-{'+'.join(eval_sets)}-{'+'.join(methods)}" + _lr_tag(lr)
     for method in methods:
         samples = [0] if method == "mle" else [0, *SAMPLES]
         run = load_run(out / _run_name(dataset, method, seed, lr if method == "sgp" else DEFAULT_LR))
@@ -128,9 +129,9 @@ def stage_quality(out: Path, dataset: str, eval_sets: list[str], limit: int, see
             for s in samples:
                 metrics, _ = evaluate_examples(run, examples, n_samples=s, seed=0)
                 rows.append({"method": method, "eval": eval_set, "S": s, **metrics})
-    name = f"quality-{dataset}-seed{seed}-{'+'.join(eval_sets)}-{'+'.join(methods)}" + _lr_tag(lr)
-    _write(out, name + ".json", {"train": dataset, "limit": limit, "seed": seed, "lr": lr, "rows": rows,
-                               "argv": sys.argv[1:]})
+                # written after every row: a run stopped by its time limit keeps what it measured
+                _write(out, name + ".json", {"train": dataset, "limit": limit, "seed": seed, "lr": lr, "rows": rows,
+                                             "argv": sys.argv[1:]})
 
 
 def _lr_tag(lr: float) -> str:
