@@ -205,7 +205,8 @@ def stage_render(out: Path, doc: Path) -> None:
     atomic_write_text(doc, "\n".join(lines) + NOTES)
 
 
-NOTES = """## Notes on the implementation
+NOTES = """
+## Notes on the implementation
 
 - Construction (official code `anonymouspaper987/Bayesian-LoRA`, `inducing_simple3.py`, re-derived, not copied):
   whitened `u0 ~ N(mu, diag(sigma^2))`, one masked affine autoregressive flow over U's rows (hidden 16),
