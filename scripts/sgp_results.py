@@ -128,7 +128,8 @@ def stage_quality(out: Path, dataset: str, eval_sets: list[str], limit: int, see
             examples = load_task(eval_set, "validation", limit=limit)
             for s in samples:
                 metrics, _ = evaluate_examples(run, examples, n_samples=s, seed=0)
-                rows.append({"method": method, "eval": eval_set, "S": s, **metrics})
+                rows.append({"method": method, "eval": eval_set, "S": s, "train_steps": run.info.get("steps"),
+                             **metrics})
                 # written after every row: a run stopped by its time limit keeps what it measured
                 _write(out, name + ".json", {"train": dataset, "limit": limit, "seed": seed, "lr": lr, "rows": rows,
                                              "argv": sys.argv[1:]})
@@ -190,7 +191,8 @@ def stage_render(out: Path, doc: Path) -> None:
         lines += [f"## Quality check: trained on `{q['train']}` (seed {q['seed']}, sgp lr {lr:g})", "",
                   "Commands: `flock /tmp/bayeslora-cpu.lock python scripts/sgp_results.py train --out "
                   f"runs/sgp-results --method M --dataset {q['train']} --seed {q['seed']} [--lr L]` for M = mle "
-                  f"and sgp (sgp: `--lr {lr:g}`), SmolLM2-135M, cloze, 100 steps, batch 8, CLI-default LoRA r 8 on "
+                  f"and sgp (sgp: `--lr {lr:g}`), SmolLM2-135M, cloze, {q['rows'][0].get('train_steps')} steps "
+                  "(`--steps`), batch 8, CLI-default LoRA r 8 on "
                   "q_proj, v_proj, lm_head (sgp adds k_proj and generates the q/k/lm_head factors); then "
                   f"`python scripts/sgp_results.py {' '.join(q.get('argv', ['quality']))}`: the first "
                   f"{q['limit']} validation questions. S = test-time samples (0: deterministic posterior mode).", "",
