@@ -15,13 +15,15 @@ from .stochastic import (
     lora_layers,
     posterior_state,
     replace_lora_A,
+    replace_lora_B,
     row_questions,
     sample_groups,
     stochastic_layers,
 )
 
 __all__ = ["HeadLora", "activate_adapter", "adapter_names", "adapter_rows", "head_lora",
-           "GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A", "row_questions",
+           "GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A",
+           "replace_lora_B", "row_questions",
            "sample_groups", "stochastic_layers"]
 
 import warnings

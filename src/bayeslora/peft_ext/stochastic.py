@@ -97,16 +97,33 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def replace_lora_A(model: nn.Module, factory: Callable[[str, nn.Linear], StochasticLoraA],
-                   adapter_name: str = "default") -> list[StochasticLoraA]:
-    """Swap each LoRA layer's ``lora_A[adapter_name]`` for ``factory(layer_name, linear)``."""
+                   adapter_name: str = "default",
+                   include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
+    """Swap each LoRA layer's ``lora_A[adapter_name]`` for ``factory(layer_name, linear)``.
+
+    ``include(layer_name)`` (optional) selects the LoRA layers to swap; the others keep their plain Linear.
+    """
+    return _replace_factor(model, "lora_A", factory, adapter_name, include)
+
+
+def replace_lora_B(model: nn.Module, factory: Callable[[str, nn.Linear], StochasticLoraA],
+                   adapter_name: str = "default",
+                   include: Callable[[str], bool] | None = None) -> list[StochasticLoraA]:
+    """Like :func:`replace_lora_A` for the ``lora_B`` factor (``weight`` (d_out, r)); for methods that make both
+    LoRA factors stochastic (``sgp``)."""
+    return _replace_factor(model, "lora_B", factory, adapter_name, include)
+
+
+def _replace_factor(model: nn.Module, factor: str, factory: Callable[[str, nn.Linear], StochasticLoraA],
+                    adapter_name: str, include: Callable[[str], bool] | None) -> list[StochasticLoraA]:
     replaced = []
     for name, layer in lora_layers(model):
-        if adapter_name not in layer.lora_A:
+        if adapter_name not in getattr(layer, factor) or (include is not None and not include(name)):
             continue
-        current = layer.lora_A[adapter_name]
+        current = getattr(layer, factor)[adapter_name]
         linear = current if isinstance(current, nn.Linear) else _as_linear(current)
         new = factory(name, linear)
-        layer.lora_A[adapter_name] = new
+        getattr(layer, factor)[adapter_name] = new
         replaced.append(new)
     if not replaced:
         raise ValueError(f"The model has no LoRA layers with adapter {adapter_name!r} to make stochastic")
