@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_posthoc import add_posthoc_parsers
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
@@ -179,6 +181,7 @@ def _cmd_demo(args) -> int:
 
 
 PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
+PARSERS.append(add_posthoc_parsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
