@@ -107,3 +107,48 @@ def test_cli_calibrate_and_errors(mle_run, tmp_path, capsys):
     assert main(["bayesianize", str(tmp_path), "--method", "temperature", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+def _fit_in_memory(method_name, options, source, tmp_path, split="train", n=12):
+    """Fit ``method_name`` on the adapter of ``source`` in memory, save it, reload it; return both runs."""
+    from bayeslora.methods import build_method
+    from bayeslora.posthoc import load_adapter, resolve_source
+    from bayeslora.runs import Run
+    from bayeslora.scoring import make_scorer
+
+    src = resolve_source(source)
+    loaded = load_model(TINY)
+    model = load_adapter(loaded.model, src.adapter_dir)
+    scorer = make_scorer(src.format, loaded.tokenizer)
+    method = build_method(method_name, options)
+    method.fit(model, scorer, load_task("arith", split, limit=n), batch_size=8, generator=torch.Generator().manual_seed(0))
+    mem = Run(model=model, tokenizer=loaded.tokenizer, method=method, scorer=scorer)
+    out = bayesianize(source, method_name, tmp_path / method_name, split=split, options=options, limit=n)
+    return mem, load_run(out)
+
+
+TFB_FAST = {"n_anchor": 8, "search_samples": 2, "search_steps": 3, "n_samples": 3}
+
+
+def test_tfb_svd_reparameterization_preserves_product():
+    from bayeslora.methods.tfb import svd_reparameterize
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 10, generator=g), torch.randn(7, 4, generator=g)
+    A2, B2, d = svd_reparameterize(A, B)
+    torch.testing.assert_close(B2 @ A2, B @ A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(B2.norm(dim=0), d)  # B' = U diag(d): column norms are the singular values
+    assert torch.all(d[:-1] >= d[1:])
+
+
+def test_tfb_round_trip_and_mean(mle_run, tmp_path):
+    mem, run = _fit_in_memory("tfb", TFB_FAST, mle_run, tmp_path)
+    assert run.info["fit"]["sigma"] > 0
+    qs = _questions(5)
+    a, b = mem.predict(qs, seed=3), run.predict(qs, seed=3)
+    assert a.sample_probs.shape == (3, 5, 4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, atol=1e-5, rtol=1e-4)
+    assert b.epistemic.max() > 0
+    # the posterior mean is the source adapter itself (B' A' = B A)
+    torch.testing.assert_close(run.predict(qs, n_samples=0).probs, load_run(mle_run).predict(qs).probs,
+                               atol=1e-5, rtol=1e-4)

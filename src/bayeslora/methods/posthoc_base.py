@@ -52,3 +52,13 @@ def collect_logits(model, scorer, examples: list, batch_size: int = 8) -> tuple[
         logits.append(scorer.choice_logits(model, enc).float().cpu())
         labels.append(enc.labels.cpu())
     return torch.cat(logits), torch.cat(labels)
+
+
+def sample_logits(method: BayesianMethod, model, scorer, enc, n_samples: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Choice logits ``(S, B, C)`` of ``n_samples`` posterior samples as ONE batched forward (one weight sample
+    per copy of each question, through :meth:`BayesianMethod.sampling`)."""
+    B, C = enc.choice_mask.shape
+    groups = torch.arange(n_samples * B, device=enc.input_ids.device)
+    with method.sampling(model, groups, generator=generator):
+        return scorer.choice_logits(model, enc.repeat(n_samples)).view(n_samples, B, C)
