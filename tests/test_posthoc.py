@@ -152,3 +152,89 @@ def test_tfb_round_trip_and_mean(mle_run, tmp_path):
     # the posterior mean is the source adapter itself (B' A' = B A)
     torch.testing.assert_close(run.predict(qs, n_samples=0).probs, load_run(mle_run).predict(qs).probs,
                                atol=1e-5, rtol=1e-4)
+
+
+def _adapter_model(source):
+    from bayeslora.posthoc import load_adapter, resolve_source
+    from bayeslora.scoring import make_scorer
+
+    src = resolve_source(source)
+    loaded = load_model(TINY)
+    return load_adapter(loaded.model, src.adapter_dir), make_scorer(src.format, loaded.tokenizer)
+
+
+def _fitted_laplace(source, **options):
+    from bayeslora.methods import build_method
+
+    model, scorer = _adapter_model(source)
+    method = build_method("laplace", {"n_fit": 12, **options})
+    method.fit(model, scorer, load_task("arith", "train", limit=40), batch_size=4,
+               generator=torch.Generator().manual_seed(0), validation=load_task("arith", "validation", limit=8))
+    return method, model, scorer
+
+
+def test_laplace_round_trip(mle_run, tmp_path):
+    options = {"n_fit": 12, "n_samples": 5}
+    mem, run = _fit_in_memory("laplace", options, mle_run, tmp_path, n=40)
+    qs = _questions(5)
+    a, b = mem.predict(qs, seed=3), run.predict(qs, seed=3)
+    assert a.sample_probs.shape == (5, 5, 4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, atol=1e-4, rtol=1e-3)
+    assert run.info["fit"]["prior_precision"] == mem.method.prior_precision
+
+
+def test_laplace_covariance_matches_dense_computation(mle_run):
+    """Last-layer Laplace: hook-based Jacobians and the low-rank KFAC covariance equal a dense brute force."""
+    method, model, scorer = _fitted_laplace(mle_run, subset="last_layer")
+    assert all(k.endswith(("lm_head.lora_A", "lm_head.lora_B")) for k in method.factors)
+    enc = scorer.encode(_questions(3), n_choices=4)
+    mean, feats, gram = method._jacobian_features(model, scorer, enc)
+    params = [f.module.weight for f in method.factors.values()]
+    for p in params:
+        p.requires_grad_(True)
+    logits = scorer.choice_logits(model, enc)
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[b, c], params, retain_graph=True)])
+                     for b in range(3) for c in range(4)]).double().view(3, 4, -1)  # (B, C, P)
+    torch.testing.assert_close(gram, J @ J.transpose(1, 2), atol=1e-6, rtol=1e-4)
+    blocks = []
+    for f in method.factors.values():
+        A = f.qa @ torch.diag(f.la) @ f.qa.T
+        G = f.qg @ torch.diag(f.lg) @ f.qg.T
+        blocks.append(method.n_data * torch.kron(G.double(), A.double()))
+    delta = method.prior_precision
+    precision = torch.block_diag(*blocks) + delta * torch.eye(J.shape[-1], dtype=torch.float64)
+    dense = J @ torch.linalg.solve(precision, J.transpose(1, 2))
+    cov = method._logit_cov(feats, gram, delta)
+    torch.testing.assert_close(cov.double(), dense, atol=1e-5, rtol=1e-3)
+    assert torch.diagonal(cov, dim1=1, dim2=2).min() > 0  # predictive variance > 0
+
+
+def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
+    method, model, scorer = _fitted_laplace(mle_run, prior_precision=1e12, link="probit")
+    enc = scorer.encode(_questions(4), n_choices=4)
+    with torch.no_grad():
+        map_probs = torch.softmax(scorer.choice_logits(model, enc), -1)
+    torch.testing.assert_close(method.predict(model, scorer, enc).probs, map_probs, atol=1e-5, rtol=1e-4)
+    method.prior_precision = 1e-2
+    assert (method.predict(model, scorer, enc).probs - map_probs).abs().max() > 1e-4
+
+
+def test_laplace_val_nll_prior(mle_run):
+    method, _, _ = _fitted_laplace(mle_run, prior="val_nll", subset="last_layer")
+    assert method.tune_split == "validation" and 0 < method.prior_precision < float("inf")
+
+
+def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bayeslora.methods.laplace import LaplaceError
+
+    bad = tmp_path / "nan_run"
+    shutil.copytree(mle_run, bad)
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    state = {k: v.fill_(float("nan")) if "lora_B" in k else v for k, v in state.items()}
+    save_file(state, str(weights))
+    with pytest.raises(LaplaceError, match="NaN"):
+        bayesianize(bad, "laplace", tmp_path / "out", options={"n_fit": 4}, limit=8)
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import mle  # noqa: F401  (registration side effect)
 from . import temperature  # noqa: F401
+from . import laplace  # noqa: F401
 from . import tfb  # noqa: F401
 from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
 from .registry import METHODS, build_method, get_method_class, register_method
