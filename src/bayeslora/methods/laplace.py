@@ -78,7 +78,8 @@ class LaplaceConfig(MethodConfig):
             try:
                 enum(getattr(self, name))
             except ValueError:
-                raise MethodError(f"Expected `{name}` in {[e.value for e in enum]}, got {getattr(self, name)!r}") from None
+                choices = [e.value for e in enum]
+                raise MethodError(f"Expected `{name}` in {choices}, got {getattr(self, name)!r}") from None
         if self.fisher not in ("mc", "empirical"):
             raise MethodError(f"Expected `fisher` to be 'mc' or 'empirical', got {self.fisher!r}")
         for name in ("n_fit", "n_val", "max_rank"):
@@ -90,7 +91,7 @@ class LaplaceConfig(MethodConfig):
 
 # -- pure math ----------------------------------------------------------------------------------------------------
 def low_rank_eigen(vectors: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top eigenpairs of ``vectors^T vectors / n`` for vectors ``(n, d)``: ``Q (d, k)``, ``lam (k,)``, k <= max_rank."""
+    """Top eigenpairs of ``vectors^T vectors / n`` for ``vectors (n, d)``: ``Q (d, k)``, ``lam (k,)``, k<=max_rank."""
     n, d = vectors.shape
     v = vectors.double()
     if d <= n:
@@ -184,7 +185,7 @@ def _per_question(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, rows: to
 @register_method
 class Laplace(PosthocMethod):
     name = "laplace"
-    description = "Laplace-LoRA: KFAC posterior around a trained adapter, tuned prior, linearized predictive (post hoc)"
+    description = "Laplace-LoRA: KFAC posterior around a trained adapter, tuned prior, GLM predictive (post hoc)"
     config_cls = LaplaceConfig
 
     def __init__(self, config: LaplaceConfig | None = None):

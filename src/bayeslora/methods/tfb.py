@@ -6,7 +6,7 @@ equivalent factors ``B' = U diag(d)``, ``A' = V^T A`` (``B' A' = B A``). The pos
 std ``sigma / d_i`` on row ``i``: the induced noise on ``Delta W`` is ``sigma * U eps`` — an isotropic Gaussian of
 std ``sigma`` inside the adapter's column space. One scalar ``sigma`` (shared by all layers) is the largest for
 which the predictive NLL on an anchor set (default 500 fit examples, S = 10 samples), measured against the
-adapter's own predicted labels, grows by at most a relative ``tau`` (default 0.003); found by bisection (in log
+adapter's own predicted labels, changes by at most a relative ``tau`` (default 0.003); found by bisection (in log
 space). Sampling reuses :class:`bayeslora.peft_ext.GaussianLoraA` (fixed, non-trainable std) and the batched
 per-question samples of :meth:`BayesianMethod.sampling`. No gradient is ever computed.
 """
@@ -28,7 +28,7 @@ from .registry import register_method
 @dataclass
 class TFBConfig(MethodConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: the adapter itself)"})
-    tau: float = field(default=0.003, metadata={"help": "largest allowed relative increase of the anchor NLL"})
+    tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
     search_samples: int = field(default=10, metadata={"help": "posterior samples per anchor NLL evaluation"})
     search_steps: int = field(default=8, metadata={"help": "bisection steps (in log sigma)"})
@@ -132,7 +132,7 @@ class TFB(PosthocMethod):
             self._set_sigma(scales, sigma)
             nll = self._anchor_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed)
             evaluations.append((sigma, nll))
-            return (nll - nll0) / max(nll0, 1e-12)
+            return abs(nll - nll0) / max(nll0, 1e-12)
 
         sigma = self._search(rel_change)
         self._set_sigma(scales, sigma)
@@ -141,7 +141,8 @@ class TFB(PosthocMethod):
                 "n_evaluations": len(evaluations)}
 
     def _search(self, rel_change) -> float:
-        """Largest sigma in [sigma_min, sigma_max] with rel_change(sigma) <= tau (bisection in log sigma)."""
+        """Largest sigma in [sigma_min, sigma_max] with rel_change(sigma) <= tau (bisection in log sigma, assuming
+        the change grows with sigma; common random numbers make it a smooth function of sigma)."""
         cfg = self.config
         if rel_change(cfg.sigma_max) <= cfg.tau:
             return cfg.sigma_max
