@@ -69,6 +69,8 @@ class LaplaceConfig(MethodConfig):
     link: str = field(default="mc", metadata={"help": "mc | probit link approximation"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
     n_fit: int = field(default=500, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
+    n_data: int | None = field(default=None, metadata={"help": "N, the training-set size the curvature is scaled "
+                                                              "to (default: the number of fit-split examples)"})
     n_val: int = field(default=200, metadata={"help": "validation questions for prior=val_nll"})
     max_rank: int = field(default=256, metadata={"help": "eigenpairs kept per Kronecker factor"})
 
@@ -82,7 +84,7 @@ class LaplaceConfig(MethodConfig):
                 raise MethodError(f"Expected `{name}` in {choices}, got {getattr(self, name)!r}") from None
         if self.fisher not in ("mc", "empirical"):
             raise MethodError(f"Expected `fisher` to be 'mc' or 'empirical', got {self.fisher!r}")
-        for name in ("n_fit", "n_val", "max_rank"):
+        for name in ("n_fit", "n_val", "max_rank") + (("n_data",) if self.n_data is not None else ()):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise MethodError(f"Expected `{name}` to be a positive int, got {getattr(self, name)!r}")
         if self.prior_precision is not None and not self.prior_precision > 0:
@@ -296,7 +298,7 @@ class Laplace(PosthocMethod):
         cfg = self.config
         self._bind(model)
         fit_set = subsample(examples, cfg.n_fit, generator)
-        self.n_data = float(len(examples))
+        self.n_data = float(cfg.n_data if cfg.n_data is not None else len(examples))
         self._factorize(self._curvature_stats(model, scorer, fit_set, batch_size, generator))
         result = {"n_fit": len(fit_set), "n_data": int(self.n_data), "n_params": self._n_params(),
                   "subset": cfg.subset}
@@ -375,7 +377,9 @@ class Laplace(PosthocMethod):
 
     # -- persistence ----------------------------------------------------------------------------------------
     def state_dict(self, model) -> dict[str, torch.Tensor]:
-        state = {"prior_precision": torch.tensor([self.prior_precision]), "n_data": torch.tensor([self.n_data])}
+        # float64 scalars: a reloaded run predicts bit for bit like the fitted one
+        state = {"prior_precision": torch.tensor([self.prior_precision], dtype=torch.float64),
+                 "n_data": torch.tensor([self.n_data], dtype=torch.float64)}
         for k, f in self.factors.items():
             state.update({f"{k}.qa": f.qa, f"{k}.la": f.la, f"{k}.qg": f.qg, f"{k}.lg": f.lg})
         return state

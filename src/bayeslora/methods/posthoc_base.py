@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import BayesianMethod, MethodError
+from .base import BayesianMethod
 
 
 class PosthocMethod(BayesianMethod):
@@ -22,10 +22,6 @@ class PosthocMethod(BayesianMethod):
     @property
     def tune_split(self) -> str | None:
         return None
-
-    def prepare(self, base_model: torch.nn.Module, adapter):
-        raise MethodError(f"{self.name} is a post-hoc method: train an mle/map adapter first, then run "
-                          f"`bayeslora bayesianize RUN_DIR --method {self.name}`")
 
 
 def subsample(examples: list, n: int | None, generator: torch.Generator | None) -> list:

@@ -71,6 +71,12 @@ class TFB(PosthocMethod):
     description = "training-free Bayesianization: SVD-reparameterized LoRA, sigma by anchor-NLL search (post hoc)"
     config_cls = TFBConfig
 
+    def prepare(self, base_model, adapter):
+        """A fresh adapter with (zero-std) Gaussian A factors: the same parameters before and after :meth:`fit`."""
+        model = super().prepare(base_model, adapter)
+        self.attach(model)
+        return model
+
     def attach(self, model) -> None:
         replace_lora_A(model, _gaussian_factory)
 
@@ -82,7 +88,8 @@ class TFB(PosthocMethod):
                 new_A, new_B, _ = svd_reparameterize(A.data, B.data)
                 A.data.copy_(new_A)
                 B.data.copy_(new_B)
-        self.attach(model)
+        if not stochastic_layers(model):
+            self.attach(model)
         out = []
         for _, layer in lora_layers(model):
             if "default" in layer.lora_A:
