@@ -239,3 +239,23 @@ def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):
     with pytest.raises(LaplaceError, match="NaN"):
         bayesianize(bad, "laplace", tmp_path / "out", options={"n_fit": 4}, limit=8)
     assert not (tmp_path / "out").exists()
+
+
+def test_choice_output_grads_batched_equals_loop(monkeypatch):
+    from bayeslora.methods import laplace
+
+    w = torch.randn(3, 5, requires_grad=True)
+    h = torch.randn(4, 3) @ w  # (B=4, 5): an "output"
+    logits = torch.tanh(h[:, :3]) * 2  # (B, C=3)
+    batched = laplace._choice_output_grads(logits, [h])[0]
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    looped = laplace._choice_output_grads(logits, [h])[0]
+    assert batched.shape == (3, 4, 5)
+    torch.testing.assert_close(batched, looped)

@@ -13,7 +13,8 @@ Models"): a Laplace approximation over the LoRA parameters around a trained adap
   (``prior="marglik"``) or minimizes the validation NLL of the probit predictive (``"val_nll"``), on a log grid.
 * Predictive: the linearized (GLM) model, choice logits ``~ N(f(x; theta*), J Sigma J^T)`` with ``J`` the
   Jacobian ``(C, P)`` of the ``C`` choice logits w.r.t. the LoRA parameters (one backward pass per choice), and
-  the probit or an MC link (``n_samples`` logit samples; ``0``: probit). Cost: one forward + ``C`` backwards.
+  the probit or an MC link (``n_samples`` logit samples; ``0``: probit). Cost: one forward + ``C`` backwards
+  (one vectorized backward with ``is_grads_batched``).
 * ``subset="last_layer"``: only the LM-head LoRA (cheap backward passes).
 
 Saved (``posterior.safetensors``): eigenvectors/eigenvalues of every factor, ``delta`` and ``N``: no refit needed.
@@ -184,6 +185,24 @@ def _per_question(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, rows: to
     return (xs / cnt.clamp_min(1.0)[:, None]).float(), gs.float()
 
 
+def _choice_output_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Per choice ``c``, the gradient of ``sum_b logits[b, c]`` w.r.t. each output: ``(C, *output.shape)``.
+
+    Questions are independent, so row ``r``'s slice is the gradient of its own question's logit. One vectorized
+    backward (``is_grads_batched``) where autograd supports it, else ``C`` backward passes.
+    """
+    B, C = logits.shape
+    eye = torch.eye(C, device=logits.device, dtype=logits.dtype)[:, None, :].expand(C, B, C).contiguous()
+    try:
+        grads = torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one backward per choice
+        per_c = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True, allow_unused=True)
+                 for c in range(C)]
+        grads = [None if per_c[0][i] is None else torch.stack([p[i] for p in per_c]) for i in range(len(outputs))]
+    return [None if g is None else g.detach() for g in grads]
+
+
 @register_method
 class Laplace(PosthocMethod):
     name = "laplace"
@@ -326,32 +345,21 @@ class Laplace(PosthocMethod):
         modules = {k: f.module for k, f in self.factors.items()}
         params = [m.weight for m in modules.values()]
         B, C = enc.choice_mask.shape
-        rows = enc.row_question
-        feats = {k: [] for k in modules}
-        gram = torch.zeros(B, C, C, dtype=torch.float64)
-        jac_flat: dict[str, list[torch.Tensor]] = {k: [] for k in modules}
+        feats, gram = {}, torch.zeros(B, C, C, dtype=torch.float64)
         with _grad_only(model, params), _capture(modules) as io:
             logits = scorer.choice_logits(model, enc)
             keys = list(io)
-            for c in range(C):
-                target = logits[:, c].masked_fill(~enc.choice_mask[:, c], 0.0).sum()
-                grads = torch.autograd.grad(target, [io[k][1] for k in keys], retain_graph=c < C - 1,
-                                            allow_unused=True)
-                for k, g in zip(keys, grads):
-                    x = io[k][0]
-                    f = self.factors[k]
-                    if g is None:
-                        g = torch.zeros(*x.shape[:-1], modules[k].out_features, device=x.device)
-                    J = torch.zeros(B, g.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
-                    J.index_add_(0, rows, torch.einsum("rto,rti->roi", g.detach(), x))  # (B, d_out, d_in)
-                    J = J.float().cpu()
-                    feats[k].append(torch.einsum("og,boi,ia->bga", f.qg, J, f.qa).reshape(B, -1))
-                    jac_flat[k].append(J.reshape(B, -1))
-        for k in keys:
-            Js = torch.stack(jac_flat[k], 1).double()  # (B, C, P_k)
-            gram += Js @ Js.transpose(1, 2)
-        mean = logits.detach().float().cpu()
-        return mean, {k: torch.stack(v, 1) for k, v in feats.items()}, gram
+            grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][1] for k in keys])
+        for k, g in zip(keys, grads):
+            x, f = io[k][0], self.factors[k]
+            if g is None:
+                g = torch.zeros(C, *x.shape[:-1], modules[k].out_features, device=x.device, dtype=x.dtype)
+            J = torch.zeros(C, B, g.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
+            J = J.index_add_(1, enc.row_question, torch.einsum("crto,rti->croi", g, x)).float().cpu()  # (C, B, o, i)
+            feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
+            Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
+            gram += Jf @ Jf.transpose(1, 2)
+        return logits.detach().float().cpu(), feats, gram
 
     def _logit_cov(self, feats: dict[str, torch.Tensor], gram: torch.Tensor, delta: float) -> torch.Tensor:
         """``J Sigma J^T`` ``(B, C, C)`` with ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``."""
