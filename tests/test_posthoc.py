@@ -259,3 +259,17 @@ def test_choice_output_grads_batched_equals_loop(monkeypatch):
     looped = laplace._choice_output_grads(logits, [h])[0]
     assert batched.shape == (3, 4, 5)
     torch.testing.assert_close(batched, looped)
+
+
+def test_source_with_a_posterior_or_an_empty_posterior_file(mle_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from bayeslora.posthoc import resolve_source
+
+    run = tmp_path / "run"
+    shutil.copytree(mle_run, run)
+    save_file({}, str(run / "posterior.safetensors"), metadata={"method": "mle"})  # names the method only
+    assert resolve_source(run).method == "mle"
+    save_file({"x.rho": torch.zeros(2)}, str(run / "posterior.safetensors"), metadata={"method": "blob"})
+    with pytest.raises(PosthocError, match="posterior of its own"):
+        resolve_source(run)

@@ -77,6 +77,20 @@ def _adapter_summary(adapter_dir: Path) -> dict:
             "target_modules": targets, "base_model": cfg.get("base_model_name_or_path")}
 
 
+def _has_posterior(run_dir: Path) -> bool:
+    """Whether the run saved posterior tensors (an empty posterior file only names the method)."""
+    from safetensors import safe_open
+
+    path = run_dir / POSTERIOR_FILE
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return len(list(fh.keys())) > 0
+    except Exception as exc:  # noqa: BLE001
+        raise PosthocError(f"{path} is not a readable safetensors file ({exc}); the source run is corrupted") from exc
+
+
 def resolve_source(source: str | Path, model: str | None = None) -> AdapterSource:
     """Inspect ``source`` (run directory or plain PEFT adapter directory) without loading any weights."""
     source = Path(source)
@@ -84,10 +98,10 @@ def resolve_source(source: str | Path, model: str | None = None) -> AdapterSourc
         raise PosthocError(f"Source {source} is not a directory (expected a run directory or a PEFT adapter)")
     if (source / RUN_FILE).is_file():
         info = read_run_info(source)
-        if (source / POSTERIOR_FILE).exists():
-            raise PosthocError(f"Source run {source} uses method {info['method']!r}, which has a posterior of its "
-                               "own; post-hoc methods start from a deterministic adapter (an mle or map run)")
         adapter_dir = source / ADAPTER_DIR
+        if _has_posterior(source) or any((d / ADAPTER_CONFIG).is_file() for d in adapter_dir.glob("*/")):
+            raise PosthocError(f"Source run {source} uses method {info['method']!r}, which has a posterior of its "
+                               "own; post-hoc methods start from one deterministic adapter (an mle or map run)")
         summary = _adapter_summary(adapter_dir)
         return AdapterSource(adapter_dir=adapter_dir, model=model or info["model"], format=info["format"],
                              max_length=int(info.get("max_length", 256)), dataset=info.get("dataset"), kind="run",
