@@ -93,6 +93,20 @@ def _source_command(source: str | None) -> list[str]:
             + f" --out {source}  # train_time_s={info.get('train_time_s')}"]
 
 
+def _findings(fits: list[dict]) -> list[str]:
+    """Sentences derived from the fitted values (no number typed by hand)."""
+    out = []
+    for f in fits:
+        fit = f["fit"]
+        if f["method"] == "temperature" and fit["temperature"] < 1:
+            out.append(f"- The fitted temperature is {fit['temperature']:.3f} < 1: the source adapter is "
+                       "*under*confident on validation, so methods that only add uncertainty cannot lower its NLL.")
+        if f["method"] == "laplace" and fit.get("prior_precision", 0) >= 1e8:
+            out.append(f"- `{f['name']}`: the validation-NLL prior precision hit the top of the grid "
+                       f"({fit['prior_precision']:.0e}): validation prefers no weight uncertainty (Laplace = MAP).")
+    return out + [""] if out else []
+
+
 def cmd_report(args) -> None:
     from bayeslora.io_utils import atomic_write_text
 
@@ -124,6 +138,7 @@ def cmd_report(args) -> None:
                   "validation questions for `prior=val_nll`; the evidence-based prior costs nothing extra. TFB's is "
                   "`(search_steps + 2) * n_anchor * search_samples` forward-only question passes (plus "
                   "`2 * n_anchor`).", ""]
+        lines += _findings(fits)
     if evals:
         base = evals.get("mle")
         lines += ["## Quality and predictive cost", "",
