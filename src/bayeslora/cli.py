@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .cli_bench import add_bench_parser
+from .cli_posthoc import add_posthoc_parsers
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
@@ -185,6 +186,7 @@ def _cmd_demo(args) -> int:
 
 PARSERS = [_train_parser, _eval_parser, _methods_parser, _tasks_parser, _demo_parser]
 PARSERS.append(add_bench_parser)
+PARSERS.append(add_posthoc_parsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

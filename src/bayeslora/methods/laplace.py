@@ -1,0 +1,413 @@
+"""Laplace-LoRA (Yang, Robeyns, Wang, Aitchison, ICLR 2024, "Bayesian Low-rank Adaptation for Large Language
+Models"): a Laplace approximation over the LoRA parameters around a trained adapter.
+
+* Curvature: per LoRA matrix ``W`` (each ``lora_A`` and ``lora_B``) a Kronecker-factored Fisher
+  ``F_W ~= N * (E[x x^T] (x) E[g g^T])`` (KFAC-*reduce*, Eschenhagen et al. 2023: per question, the layer inputs
+  are averaged and the output gradients summed over its rows and tokens), with labels sampled from the model
+  (``fisher="mc"``, an unbiased GGN estimate) or the true labels (``"empirical"``). Each factor is kept as its top
+  ``max_rank`` eigenpairs: the LM head's output side has vocabulary width (49k for SmolLM2), whose dense factor
+  would take ~10 GB — the reason for a low-rank factor (as in ``MaximeRobeyns/bayesian_lora``) and for not using
+  laplace-torch's dense ``kron`` (also: in cloze scoring a question spans several rows, which its backends treat
+  as separate data points). Directions outside the kept eigenspace get the prior variance (conservative).
+* Posterior precision ``F + delta I``; the prior precision ``delta`` maximizes the Laplace evidence
+  (``prior="marglik"``) or minimizes the validation NLL of the probit predictive (``"val_nll"``), on a log grid.
+* Predictive: the linearized (GLM) model, choice logits ``~ N(f(x; theta*), J Sigma J^T)`` with ``J`` the
+  Jacobian ``(C, P)`` of the ``C`` choice logits w.r.t. the LoRA parameters (one backward pass per choice), and
+  the probit or an MC link (``n_samples`` logit samples; ``0``: probit). Cost: one forward + ``C`` backwards
+  (one vectorized backward with ``is_grads_batched``).
+* ``subset="last_layer"``: only the LM-head LoRA (cheap backward passes).
+
+Saved (``posterior.safetensors``): eigenvectors/eigenvalues of every factor, ``delta`` and ``N``: no refit needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from ..peft_ext import lora_layers
+from ..predictive import Predictive
+from .base import MethodConfig, MethodError
+from .posthoc_base import PosthocMethod, batches, subsample
+from .registry import register_method
+
+
+class Subset(str, Enum):
+    ALL = "all"
+    """Every LoRA matrix of the adapter."""
+    LAST_LAYER = "last_layer"
+    """Only the LoRA of the LM head."""
+
+
+class PriorFit(str, Enum):
+    MARGLIK = "marglik"
+    """Maximize the Laplace marginal likelihood (evidence) of the fit data."""
+    VAL_NLL = "val_nll"
+    """Minimize the NLL of the probit predictive on the validation split."""
+
+
+class Link(str, Enum):
+    PROBIT = "probit"
+    """``softmax(mu / sqrt(1 + pi/8 var))``: closed form, no samples."""
+    MC = "mc"
+    """Mean softmax of ``n_samples`` logit samples (probit when ``n_samples`` is 0)."""
+
+
+class LaplaceError(MethodError):
+    """The curvature or the prior cannot be fitted (NaN, singular, no LoRA to cover)."""
+
+
+@dataclass
+class LaplaceConfig(MethodConfig):
+    n_samples: int = field(default=50, metadata={"help": "logit samples of the MC link (0: probit)"})
+    subset: str = field(default="all", metadata={"help": "all | last_layer (LM-head LoRA only)"})
+    prior: str = field(default="marglik", metadata={"help": "marglik | val_nll: how the prior precision is tuned"})
+    prior_precision: float | None = field(default=None, metadata={"help": "fixed prior precision (skip tuning)"})
+    link: str = field(default="mc", metadata={"help": "mc | probit link approximation"})
+    fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
+    n_fit: int = field(default=500, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
+    n_data: int | None = field(default=None, metadata={"help": "N, the training-set size the curvature is scaled "
+                                                              "to (default: the number of fit-split examples)"})
+    n_val: int = field(default=200, metadata={"help": "validation questions for prior=val_nll"})
+    max_rank: int = field(default=256, metadata={"help": "eigenpairs kept per Kronecker factor"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, enum in (("subset", Subset), ("prior", PriorFit), ("link", Link)):
+            try:
+                enum(getattr(self, name))
+            except ValueError:
+                choices = [e.value for e in enum]
+                raise MethodError(f"Expected `{name}` in {choices}, got {getattr(self, name)!r}") from None
+        if self.fisher not in ("mc", "empirical"):
+            raise MethodError(f"Expected `fisher` to be 'mc' or 'empirical', got {self.fisher!r}")
+        for name in ("n_fit", "n_val", "max_rank") + (("n_data",) if self.n_data is not None else ()):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise MethodError(f"Expected `{name}` to be a positive int, got {getattr(self, name)!r}")
+        if self.prior_precision is not None and not self.prior_precision > 0:
+            raise MethodError(f"Expected `prior_precision` > 0, got {self.prior_precision!r}")
+
+
+# -- pure math ----------------------------------------------------------------------------------------------------
+def low_rank_eigen(vectors: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenpairs of ``vectors^T vectors / n`` for ``vectors (n, d)``: ``Q (d, k)``, ``lam (k,)``, k<=max_rank."""
+    n, d = vectors.shape
+    v = vectors.double()
+    if d <= n:
+        lam, Q = torch.linalg.eigh(v.T @ v / n)
+        lam, Q = lam.flip(0), Q.flip(1)
+    else:  # wide side (e.g. the LM head's vocabulary): right singular vectors, never the (d, d) matrix
+        _, s, Vh = torch.linalg.svd(v, full_matrices=False)
+        lam, Q = s**2 / n, Vh.T
+    k = min(max_rank, lam.shape[0])
+    return Q[:, :k].float().contiguous(), lam[:k].clamp_min(0.0).float().contiguous()
+
+
+def log_evidence(eig: torch.Tensor, sq_norm: float, prior_precision: torch.Tensor) -> torch.Tensor:
+    """Laplace log evidence up to terms constant in ``delta``: ``-(logdet(1 + eig/delta) + delta |theta|^2) / 2``.
+
+    eig: eigenvalues ``N lam_g lam_a`` of the data precision (all Kronecker pairs); prior_precision: ``(G,)`` grid.
+    """
+    delta = prior_precision.double()[:, None]
+    return -0.5 * (torch.log1p(eig.double()[None, :] / delta).sum(-1) + delta[:, 0] * sq_norm)
+
+
+def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """Generalized probit: ``softmax(mu / sqrt(1 + pi/8 diag(cov)))``; mean (..., C), cov (..., C, C)."""
+    var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0.0)
+    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+
+
+def sample_logit_gaussian(mean: torch.Tensor, cov: torch.Tensor, n_samples: int,
+                          generator: torch.Generator | None) -> torch.Tensor:
+    """``n_samples`` draws ``(S, B, C)`` of ``N(mean (B, C), cov (B, C, C))``; ``-inf`` means stay ``-inf``."""
+    C = cov.shape[-1]
+    jitter = 1e-6 * (1.0 + torch.diagonal(cov, dim1=-2, dim2=-1).abs().amax(-1))[:, None, None]
+    L = torch.linalg.cholesky(cov.double() + jitter.double() * torch.eye(C, dtype=torch.float64))
+    eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=torch.float64)
+    return (mean.double()[None] + torch.einsum("bcd,sbd->sbc", L, eps)).float()
+
+
+# -- the layers covered --------------------------------------------------------------------------------------------
+@dataclass
+class _Factor:
+    """KFAC eigenbasis of one LoRA matrix W (d_out, d_in): input side (qa, la), output-gradient side (qg, lg)."""
+
+    module: torch.nn.Linear
+    qa: torch.Tensor | None = None  # (d_in, k_a)
+    la: torch.Tensor | None = None  # (k_a,)
+    qg: torch.Tensor | None = None  # (d_out, k_g)
+    lg: torch.Tensor | None = None  # (k_g,)
+
+    def eig(self, n_data: float) -> torch.Tensor:
+        return (n_data * self.lg[:, None] * self.la[None, :]).flatten()  # (k_g * k_a,)
+
+
+@contextlib.contextmanager
+def _capture(modules: dict[str, torch.nn.Module]):
+    """Record each module's input (detached) and output (in the graph) during the forwards inside the context."""
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, k=k: store.__setitem__(k, (inp[0].detach(), out)))
+               for k, m in modules.items()]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _grad_only(model, params: list[torch.nn.Parameter]):
+    """Inside: exactly ``params`` require grad (so the backward stops at the covered LoRA); restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _per_question(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, n_q: int):
+    """KFAC-reduce statistics: mean input ``(B, d_in)`` over valid positions, summed output grad ``(B, d_out)``."""
+    m = mask[:, -x.shape[1]:].to(x.dtype)[..., None]  # (R, T', 1): the positions this layer saw
+    kw = dict(dtype=torch.float64, device=x.device)
+    xs = torch.zeros(n_q, x.shape[-1], **kw).index_add_(0, rows, (x * m).sum(1).double())
+    cnt = torch.zeros(n_q, **kw).index_add_(0, rows, m.sum((1, 2)).double())
+    gs = torch.zeros(n_q, g.shape[-1], **kw).index_add_(0, rows, g.sum(1).double())
+    return (xs / cnt.clamp_min(1.0)[:, None]).float(), gs.float()
+
+
+def _choice_output_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Per choice ``c``, the gradient of ``sum_b logits[b, c]`` w.r.t. each output: ``(C, *output.shape)``.
+
+    Questions are independent, so row ``r``'s slice is the gradient of its own question's logit. One vectorized
+    backward (``is_grads_batched``) where autograd supports it, else ``C`` backward passes.
+    """
+    B, C = logits.shape
+    eye = torch.eye(C, device=logits.device, dtype=logits.dtype)[:, None, :].expand(C, B, C).contiguous()
+    try:
+        grads = torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                    allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one backward per choice
+        per_c = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True, allow_unused=True)
+                 for c in range(C)]
+        grads = [None if per_c[0][i] is None else torch.stack([p[i] for p in per_c]) for i in range(len(outputs))]
+    return [None if g is None else g.detach() for g in grads]
+
+
+@register_method
+class Laplace(PosthocMethod):
+    name = "laplace"
+    description = "Laplace-LoRA: KFAC posterior around a trained adapter, tuned prior, GLM predictive (post hoc)"
+    config_cls = LaplaceConfig
+
+    def __init__(self, config: LaplaceConfig | None = None):
+        super().__init__(config)
+        self.factors: dict[str, _Factor] = {}
+        self.prior_precision = float("nan")
+        self.n_data = 0.0
+
+    @property
+    def tune_split(self) -> str | None:
+        if self.config.prior == PriorFit.VAL_NLL.value and self.config.prior_precision is None:
+            return "validation"
+        return None
+
+    # -- covered modules ------------------------------------------------------------------------------------
+    def _modules(self, model) -> dict[str, torch.nn.Linear]:
+        out = {}
+        for name, layer in lora_layers(model):
+            if "default" not in layer.lora_A:
+                continue
+            if self.config.subset == Subset.LAST_LAYER.value and not name.endswith("lm_head"):
+                continue
+            out[f"{name}.lora_A"] = layer.lora_A["default"]
+            out[f"{name}.lora_B"] = layer.lora_B["default"]
+        if not out:
+            raise LaplaceError(f"The adapter has no LoRA layers for subset={self.config.subset!r}"
+                               + (" (no LoRA on lm_head): use --option subset=all" if self.config.subset != "all"
+                                  else ""))
+        return out
+
+    def _bind(self, model) -> None:
+        modules = self._modules(model)
+        if self.factors and set(self.factors) == set(modules):
+            for k, m in modules.items():
+                self.factors[k].module = m
+        else:
+            self.factors = {k: _Factor(m) for k, m in modules.items()}
+
+    # -- fit ------------------------------------------------------------------------------------------------
+    def _curvature_stats(self, model, scorer, examples, batch_size, generator) -> dict[str, tuple[list, list]]:
+        modules = {k: f.module for k, f in self.factors.items()}
+        stats = {k: ([], []) for k in modules}
+        n_choices = max(ex.n_choices for ex in examples)
+        device = next(model.parameters()).device
+        params = [m.weight for m in modules.values()]
+        for chunk in batches(examples, batch_size):
+            enc = scorer.encode(chunk, n_choices=n_choices).to(device)
+            with _grad_only(model, params), _capture(modules) as io:
+                logits = scorer.choice_logits(model, enc)
+                if not torch.isfinite(logits.masked_fill(~enc.choice_mask, 0.0)).all():
+                    raise LaplaceError("The adapter's logits are NaN/inf on the fit data: the curvature would be NaN "
+                                       "(check the source adapter's weights)")
+                y = enc.labels
+                if self.config.fisher == "mc":
+                    y = torch.multinomial(torch.softmax(logits.detach().float().cpu(), -1), 1, generator=generator)
+                    y = y[:, 0].to(logits.device)
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+                keys = list(io)
+                grads = torch.autograd.grad(loss, [io[k][1] for k in keys], allow_unused=True)
+            for k, g in zip(keys, grads):
+                x = io[k][0]
+                g = torch.zeros(*x.shape[:-1], modules[k].out_features) if g is None else g
+                xb, gb = _per_question(x, g.detach(), enc.attention_mask, enc.row_question, enc.n_questions)
+                stats[k][0].append(xb.cpu())
+                stats[k][1].append(gb.cpu())
+        return stats
+
+    def _factorize(self, stats) -> None:
+        for k, (xs, gs) in stats.items():
+            X, G = torch.cat(xs), torch.cat(gs)
+            if not (torch.isfinite(X).all() and torch.isfinite(G).all()):
+                raise LaplaceError(f"The curvature of {k} is NaN/inf: the source adapter or the data produce "
+                                   "non-finite gradients; check the adapter (or lower max_length)")
+            f = self.factors[k]
+            f.qa, f.la = low_rank_eigen(X, self.config.max_rank)
+            f.qg, f.lg = low_rank_eigen(G, self.config.max_rank)
+        if all(float(f.lg.max()) * float(f.la.max()) <= 0.0 for f in self.factors.values()):
+            raise LaplaceError("The curvature is zero (singular): the adapter's gradients vanish on the fit data; "
+                               "use more or other fit examples, or --option fisher=mc")
+
+    def _all_eig(self) -> torch.Tensor:
+        return torch.cat([f.eig(self.n_data) for f in self.factors.values()])
+
+    def _theta_sq_norm(self) -> float:
+        return float(sum(f.module.weight.detach().double().pow(2).sum() for f in self.factors.values()))
+
+    def _tune_marglik(self) -> tuple[float, float]:
+        grid = torch.logspace(-6, 8, 281, dtype=torch.float64)
+        ev = log_evidence(self._all_eig(), self._theta_sq_norm(), grid)
+        i = int(ev.argmax())
+        return float(grid[i]), float(ev[i])
+
+    def _tune_val_nll(self, model, scorer, validation, batch_size) -> tuple[float, float]:
+        grid = torch.logspace(-6, 8, 57, dtype=torch.float64)
+        nll = torch.zeros(len(grid), dtype=torch.float64)
+        n_choices = max(ex.n_choices for ex in validation)
+        device = next(model.parameters()).device
+        for chunk in batches(validation, batch_size):
+            enc = scorer.encode(chunk, n_choices=n_choices).to(device)
+            mean, feats, gram = self._jacobian_features(model, scorer, enc)
+            for i, delta in enumerate(grid.tolist()):
+                probs = probit_probs(mean, self._logit_cov(feats, gram, delta))
+                nll[i] -= probs.gather(1, enc.labels.cpu()[:, None]).clamp_min(1e-30).log().sum().double()
+        i = int(nll.argmin())
+        return float(grid[i]), float(nll[i] / len(validation))
+
+    def fit(self, model, scorer, examples, batch_size=8, generator=None, validation=None) -> dict:
+        cfg = self.config
+        self._bind(model)
+        fit_set = subsample(examples, cfg.n_fit, generator)
+        self.n_data = float(cfg.n_data if cfg.n_data is not None else len(examples))
+        self._factorize(self._curvature_stats(model, scorer, fit_set, batch_size, generator))
+        result = {"n_fit": len(fit_set), "n_data": int(self.n_data), "n_params": self._n_params(),
+                  "subset": cfg.subset}
+        if cfg.prior_precision is not None:
+            self.prior_precision = float(cfg.prior_precision)
+        elif cfg.prior == PriorFit.MARGLIK.value:
+            self.prior_precision, result["log_evidence"] = self._tune_marglik()
+        else:
+            if not validation:
+                raise LaplaceError("prior=val_nll needs validation examples (the split is empty)")
+            val = subsample(validation, cfg.n_val, generator)
+            self.prior_precision, result["val_nll"] = self._tune_val_nll(model, scorer, val, batch_size)
+        if not math.isfinite(self.prior_precision) or self.prior_precision <= 0:
+            raise LaplaceError(f"The tuned prior precision is {self.prior_precision}: the curvature is degenerate")
+        result["prior_precision"] = self.prior_precision
+        return result
+
+    def _n_params(self) -> int:
+        return sum(f.module.weight.numel() for f in self.factors.values())
+
+    # -- predictive -----------------------------------------------------------------------------------------
+    def _jacobian_features(self, model, scorer, enc):
+        """Choice logits ``(B, C)``, per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``,
+        and the Gram ``(B, C, C)`` of the full Jacobians (for the prior part of the covariance)."""
+        modules = {k: f.module for k, f in self.factors.items()}
+        params = [m.weight for m in modules.values()]
+        B, C = enc.choice_mask.shape
+        feats, gram = {}, torch.zeros(B, C, C, dtype=torch.float64)
+        with _grad_only(model, params), _capture(modules) as io:
+            logits = scorer.choice_logits(model, enc)
+            keys = list(io)
+            grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][1] for k in keys])
+        for k, g in zip(keys, grads):
+            x, f = io[k][0], self.factors[k]
+            if g is None:
+                g = torch.zeros(C, *x.shape[:-1], modules[k].out_features, device=x.device, dtype=x.dtype)
+            J = torch.zeros(C, B, g.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
+            J = J.index_add_(1, enc.row_question, torch.einsum("crto,rti->croi", g, x)).float().cpu()  # (C, B, o, i)
+            feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
+            Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
+            gram += Jf @ Jf.transpose(1, 2)
+        return logits.detach().float().cpu(), feats, gram
+
+    def _logit_cov(self, feats: dict[str, torch.Tensor], gram: torch.Tensor, delta: float) -> torch.Tensor:
+        """``J Sigma J^T`` ``(B, C, C)`` with ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``."""
+        cov = gram / delta
+        for k, F in feats.items():
+            w = 1.0 / (self.factors[k].eig(self.n_data).double() + delta) - 1.0 / delta  # (K,)
+            Fd = F.double()
+            cov = cov + torch.einsum("bck,k,bdk->bcd", Fd, w, Fd)
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        if not torch.isfinite(cov).all():
+            raise LaplaceError("The predictive covariance is NaN/inf: the saved curvature is corrupted")
+        return cov.float()
+
+    def predict(self, model, scorer, batch, n_samples=None, generator=None) -> Predictive:
+        S = self.resolve_samples(n_samples)
+        if not self.factors:
+            raise LaplaceError("Laplace has no fitted curvature: fit it (bayeslora bayesianize) or load a run")
+        mean, feats, gram = self._jacobian_features(model, scorer, batch)
+        cov = self._logit_cov(feats, gram, self.prior_precision)
+        if self.config.link == Link.PROBIT.value or S == 0:
+            return Predictive(probs=probit_probs(mean, cov))
+        return Predictive.from_sample_logits(sample_logit_gaussian(mean, cov, S, generator))
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def state_dict(self, model) -> dict[str, torch.Tensor]:
+        # float64 scalars: a reloaded run predicts bit for bit like the fitted one
+        state = {"prior_precision": torch.tensor([self.prior_precision], dtype=torch.float64),
+                 "n_data": torch.tensor([self.n_data], dtype=torch.float64)}
+        for k, f in self.factors.items():
+            state.update({f"{k}.qa": f.qa, f"{k}.la": f.la, f"{k}.qg": f.qg, f"{k}.lg": f.lg})
+        return state
+
+    def load_state_dict(self, model, state: dict[str, torch.Tensor]) -> None:
+        self.factors = {}
+        self._bind(model)
+        expected = {f"{k}.{s}" for k in self.factors for s in ("qa", "la", "qg", "lg")} | {"prior_precision",
+                                                                                            "n_data"}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise LaplaceError(f"The saved Laplace posterior does not match the adapter (subset "
+                               f"{self.config.subset!r}): missing {missing[:2]}, unexpected {unexpected[:2]}")
+        for k, f in self.factors.items():
+            f.qa, f.la, f.qg, f.lg = (state[f"{k}.{s}"].float() for s in ("qa", "la", "qg", "lg"))
+            d_out, d_in = f.module.weight.shape
+            if f.qa.shape[0] != d_in or f.qg.shape[0] != d_out or f.qa.shape[1] != f.la.shape[0] \
+                    or f.qg.shape[1] != f.lg.shape[0]:
+                raise LaplaceError(f"The saved curvature of {k} has the wrong shape for the adapter")
+        self.prior_precision = float(state["prior_precision"])
+        self.n_data = float(state["n_data"])
+        if not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
+            raise LaplaceError(f"The saved prior precision is {self.prior_precision}: the run is corrupted")

@@ -1,0 +1,52 @@
+"""Shared base of post-hoc methods: they start from a trained adapter and are fitted by ``bayeslora.posthoc``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .base import BayesianMethod
+
+
+class PosthocMethod(BayesianMethod):
+    """A method fitted after training (``bayeslora bayesianize`` / ``calibrate``), never by the training loop.
+
+    ``fit_split`` is the split :func:`bayeslora.posthoc.bayesianize` fits on by default; ``tune_split`` (None or a
+    split) is a second split passed to :meth:`fit` as ``validation=`` (e.g. a prior tuned on validation NLL).
+    """
+
+    posthoc: ClassVar[bool] = True
+    fit_split: ClassVar[str] = "train"
+
+    @property
+    def tune_split(self) -> str | None:
+        return None
+
+
+def subsample(examples: list, n: int | None, generator: torch.Generator | None) -> list:
+    """``n`` examples drawn without replacement with ``generator`` (all of them, in order, when n >= len)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    idx = torch.randperm(len(examples), generator=generator)[:n].sort().values
+    return [examples[i] for i in idx.tolist()]
+
+
+def batches(examples: list, batch_size: int):
+    for start in range(0, len(examples), batch_size):
+        yield examples[start:start + batch_size]
+
+
+@torch.no_grad()
+def collect_logits(model, scorer, examples: list, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic choice logits ``(N, C)`` (``-inf`` at absent choices) and labels ``(N,)`` of ``examples``."""
+    n_choices = max(ex.n_choices for ex in examples)
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for chunk in batches(examples, batch_size):
+        enc = scorer.encode(chunk, n_choices=n_choices).to(device)
+        logits.append(scorer.choice_logits(model, enc).float().cpu())
+        labels.append(enc.labels.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+

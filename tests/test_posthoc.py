@@ -1,0 +1,275 @@
+"""Post-hoc pipeline (bayesianize / calibrate) and the temperature method, on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from bayeslora.config import TrainConfig
+from bayeslora.methods.temperature import fit_temperature
+from bayeslora.models import load_model
+from bayeslora.posthoc import PosthocError, bayesianize
+from bayeslora.runs import load_run
+from bayeslora.tasks import load_task
+from bayeslora.train import train
+
+TINY = "tiny-random-llama"
+
+
+@pytest.fixture(scope="module")
+def mle_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("posthoc") / "mle"
+    config = TrainConfig(model=TINY, dataset="arith", max_steps=3, batch_size=4, train_limit=16, save_every=0)
+    return train(config, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def peft_adapter(tmp_path_factory):
+    """A plain PEFT adapter directory, as another tool would save it."""
+    from peft import LoraConfig, get_peft_model
+
+    out = tmp_path_factory.mktemp("peft") / "adapter"
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(TINY).model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+    model.save_pretrained(str(out))
+    return out
+
+
+def _questions(n=6, split="validation"):
+    return load_task("arith", split, limit=n)
+
+
+def test_temperature_round_trip(mle_run, tmp_path):
+    out = bayesianize(mle_run, "temperature", tmp_path / "t", limit=12)
+    info = json.loads((out / "run.json").read_text())
+    assert info["fit"]["split"] == "validation" and info["source"]["method"] == "mle"
+    run = load_run(out)
+    src = load_run(mle_run)
+    pred, base = run.predict(_questions()), src.predict(_questions())
+    t = info["fit"]["temperature"]
+    logits = base.probs.log()
+    torch.testing.assert_close(pred.probs, torch.softmax(logits / t, -1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pred.prediction, base.prediction)
+
+
+def test_temperature_lowers_nll_of_overconfident_logits():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=g)
+    clean = torch.randn(400, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 4)
+    logits = 6.0 * clean  # overconfident by a factor 6
+    t = fit_temperature(logits, labels)
+    nll = lambda z: torch.nn.functional.cross_entropy(z, labels)  # noqa: E731
+    assert t > 3.0 and nll(logits / t) < nll(logits) - 0.1
+
+
+def test_plain_peft_adapter_input(peft_adapter, tmp_path):
+    out = bayesianize(peft_adapter, "temperature", tmp_path / "t", dataset="arith", model=TINY, limit=8)
+    run = load_run(out)
+    assert run.info["source"]["kind"] == "peft" and run.info["adapter"]["r"] == 4
+    probs = run.predict(_questions(3)).probs
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_bad_inputs_write_nothing(mle_run, peft_adapter, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(PosthocError, match="not a LoRA adapter"):
+        bayesianize(tmp_path, "temperature", out, dataset="arith", model=TINY)
+    with pytest.raises(PosthocError, match="pass --model"):
+        bayesianize(peft_adapter, "temperature", out, dataset="arith")
+    with pytest.raises(ValueError, match="empty"):
+        bayesianize(mle_run, "temperature", out, limit=0)
+    with pytest.raises(ValueError, match="trained end to end"):
+        bayesianize(mle_run, "mle", out)
+    # rank in the config does not match the saved weights
+    bad = tmp_path / "bad_rank"
+    shutil.copytree(peft_adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
+    with pytest.raises(PosthocError, match="does not fit the base model"):
+        bayesianize(bad, "temperature", out, dataset="arith", model=TINY, limit=4)
+    # target modules the base model does not have
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["c_attn"]}))
+    with pytest.raises(PosthocError, match="does not fit the base model"):
+        bayesianize(bad, "temperature", out, dataset="arith", model=TINY, limit=4)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_cli_calibrate_and_errors(mle_run, tmp_path, capsys):
+    from bayeslora.cli import main
+
+    assert main(["calibrate", str(mle_run), "--out", str(tmp_path / "c"), "--limit", "8"]) == 0
+    assert (tmp_path / "c" / "posterior.safetensors").is_file()
+    assert main(["bayesianize", str(tmp_path), "--method", "temperature", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err
+
+
+def _fit_in_memory(method_name, options, source, tmp_path, split="train", n=12):
+    """Fit ``method_name`` on the adapter of ``source`` in memory, save it, reload it; return both runs."""
+    from bayeslora.methods import build_method
+    from bayeslora.posthoc import load_adapter, resolve_source
+    from bayeslora.runs import Run
+    from bayeslora.scoring import make_scorer
+
+    src = resolve_source(source)
+    loaded = load_model(TINY)
+    model = load_adapter(loaded.model, src.adapter_dir)
+    scorer = make_scorer(src.format, loaded.tokenizer)
+    method = build_method(method_name, options)
+    generator = torch.Generator().manual_seed(0)  # bayesianize's default seed
+    method.fit(model, scorer, load_task("arith", split, limit=n), batch_size=8, generator=generator)
+    mem = Run(model=model, tokenizer=loaded.tokenizer, method=method, scorer=scorer)
+    out = bayesianize(source, method_name, tmp_path / method_name, split=split, options=options, limit=n)
+    return mem, load_run(out)
+
+
+TFB_FAST = {"n_anchor": 8, "search_samples": 2, "search_steps": 3, "n_samples": 3}
+
+
+def test_tfb_svd_reparameterization_preserves_product():
+    from bayeslora.methods.tfb import svd_reparameterize
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 10, generator=g), torch.randn(7, 4, generator=g)
+    A2, B2, d = svd_reparameterize(A, B)
+    torch.testing.assert_close(B2 @ A2, B @ A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(B2.norm(dim=0), d)  # B' = U diag(d): column norms are the singular values
+    assert torch.all(d[:-1] >= d[1:])
+
+
+def test_tfb_round_trip_and_mean(mle_run, tmp_path):
+    mem, run = _fit_in_memory("tfb", TFB_FAST, mle_run, tmp_path)
+    assert run.info["fit"]["sigma"] > 0
+    qs = _questions(5)
+    a, b = mem.predict(qs, seed=3), run.predict(qs, seed=3)
+    assert a.sample_probs.shape == (3, 5, 4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, atol=1e-5, rtol=1e-4)
+    assert b.epistemic.max() > 0
+    # the posterior mean is the source adapter itself (B' A' = B A)
+    torch.testing.assert_close(run.predict(qs, n_samples=0).probs, load_run(mle_run).predict(qs).probs,
+                               atol=1e-5, rtol=1e-4)
+
+
+def _adapter_model(source):
+    from bayeslora.posthoc import load_adapter, resolve_source
+    from bayeslora.scoring import make_scorer
+
+    src = resolve_source(source)
+    loaded = load_model(TINY)
+    return load_adapter(loaded.model, src.adapter_dir), make_scorer(src.format, loaded.tokenizer)
+
+
+def _fitted_laplace(source, **options):
+    from bayeslora.methods import build_method
+
+    model, scorer = _adapter_model(source)
+    method = build_method("laplace", {"n_fit": 12, **options})
+    method.fit(model, scorer, load_task("arith", "train", limit=40), batch_size=4,
+               generator=torch.Generator().manual_seed(0), validation=load_task("arith", "validation", limit=8))
+    return method, model, scorer
+
+
+def test_laplace_round_trip(mle_run, tmp_path):
+    options = {"n_fit": 12, "n_samples": 5}
+    mem, run = _fit_in_memory("laplace", options, mle_run, tmp_path, n=40)
+    qs = _questions(5)
+    a, b = mem.predict(qs, seed=3), run.predict(qs, seed=3)
+    assert a.sample_probs.shape == (5, 5, 4)
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, atol=1e-4, rtol=1e-3)
+    assert run.info["fit"]["prior_precision"] == mem.method.prior_precision
+
+
+def test_laplace_covariance_matches_dense_computation(mle_run):
+    """Last-layer Laplace: hook-based Jacobians and the low-rank KFAC covariance equal a dense brute force."""
+    method, model, scorer = _fitted_laplace(mle_run, subset="last_layer")
+    assert all(k.endswith(("lm_head.lora_A", "lm_head.lora_B")) for k in method.factors)
+    enc = scorer.encode(_questions(3), n_choices=4)
+    mean, feats, gram = method._jacobian_features(model, scorer, enc)
+    params = [f.module.weight for f in method.factors.values()]
+    for p in params:
+        p.requires_grad_(True)
+    logits = scorer.choice_logits(model, enc)
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[b, c], params, retain_graph=True)])
+                     for b in range(3) for c in range(4)]).double().view(3, 4, -1)  # (B, C, P)
+    torch.testing.assert_close(gram, J @ J.transpose(1, 2), atol=1e-6, rtol=1e-4)
+    blocks = []
+    for f in method.factors.values():
+        A = f.qa @ torch.diag(f.la) @ f.qa.T
+        G = f.qg @ torch.diag(f.lg) @ f.qg.T
+        blocks.append(method.n_data * torch.kron(G.double(), A.double()))
+    delta = method.prior_precision
+    precision = torch.block_diag(*blocks) + delta * torch.eye(J.shape[-1], dtype=torch.float64)
+    dense = J @ torch.linalg.solve(precision, J.transpose(1, 2))
+    cov = method._logit_cov(feats, gram, delta)
+    torch.testing.assert_close(cov.double(), dense, atol=1e-5, rtol=1e-3)
+    assert torch.diagonal(cov, dim1=1, dim2=2).min() > 0  # predictive variance > 0
+
+
+def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
+    method, model, scorer = _fitted_laplace(mle_run, prior_precision=1e12, link="probit")
+    enc = scorer.encode(_questions(4), n_choices=4)
+    with torch.no_grad():
+        map_probs = torch.softmax(scorer.choice_logits(model, enc), -1)
+    torch.testing.assert_close(method.predict(model, scorer, enc).probs, map_probs, atol=1e-5, rtol=1e-4)
+    method.prior_precision = 1e-2
+    assert (method.predict(model, scorer, enc).probs - map_probs).abs().max() > 1e-4
+
+
+def test_laplace_val_nll_prior(mle_run):
+    method, _, _ = _fitted_laplace(mle_run, prior="val_nll", subset="last_layer")
+    assert method.tune_split == "validation" and 0 < method.prior_precision < float("inf")
+
+
+def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bayeslora.methods.laplace import LaplaceError
+
+    bad = tmp_path / "nan_run"
+    shutil.copytree(mle_run, bad)
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    state = {k: v.fill_(float("nan")) if "lora_B" in k else v for k, v in state.items()}
+    save_file(state, str(weights))
+    with pytest.raises(LaplaceError, match="NaN"):
+        bayesianize(bad, "laplace", tmp_path / "out", options={"n_fit": 4}, limit=8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_choice_output_grads_batched_equals_loop(monkeypatch):
+    from bayeslora.methods import laplace
+
+    w = torch.randn(3, 5, requires_grad=True)
+    h = torch.randn(4, 3) @ w  # (B=4, 5): an "output"
+    logits = torch.tanh(h[:, :3]) * 2  # (B, C=3)
+    batched = laplace._choice_output_grads(logits, [h])[0]
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    looped = laplace._choice_output_grads(logits, [h])[0]
+    assert batched.shape == (3, 4, 5)
+    torch.testing.assert_close(batched, looped)
+
+
+def test_source_with_a_posterior_or_an_empty_posterior_file(mle_run, tmp_path):
+    from safetensors.torch import save_file
+
+    from bayeslora.posthoc import resolve_source
+
+    run = tmp_path / "run"
+    shutil.copytree(mle_run, run)
+    save_file({}, str(run / "posterior.safetensors"), metadata={"method": "mle"})  # names the method only
+    assert resolve_source(run).method == "mle"
+    save_file({"x.rho": torch.zeros(2)}, str(run / "posterior.safetensors"), metadata={"method": "blob"})
+    with pytest.raises(PosthocError, match="posterior of its own"):
+        resolve_source(run)
