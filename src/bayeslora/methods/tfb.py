@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
-from ..predictive import Predictive
 from .base import MethodConfig, MethodError
 from .posthoc_base import PosthocMethod, batches, subsample
 from .registry import register_method
@@ -163,5 +162,3 @@ class TFB(PosthocMethod):
             else:
                 hi = mid
         return math.exp(lo)
-
-    @torch.no_grad()
