@@ -67,6 +67,12 @@ class EncodedBatch:
     def n_rows(self) -> int:
         return self.input_ids.shape[0]
 
+    def one_pass(self) -> EncodedBatch:
+        """The same batch without the shared-prefix layout: every row is scored in one forward (for code that hooks
+        a layer's per-row inputs and outputs, which must see each row once)."""
+        empty = torch.zeros((0, 0), dtype=torch.long, device=self.input_ids.device)
+        return replace(self, prefix_ids=empty, prefix_mask=empty, cont_ids=empty, cont_mask=empty)
+
     def to(self, device: torch.device | str) -> EncodedBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -254,6 +254,7 @@ class Laplace(PosthocMethod):
         params = [m.weight for m in modules.values()]
         for chunk in batches(examples, batch_size):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
+            enc = enc.one_pass()  # the hooks below need every row in one forward
             with _grad_only(model, params), _capture(modules) as io:
                 logits = scorer.choice_logits(model, enc)
                 if not torch.isfinite(logits.masked_fill(~enc.choice_mask, 0.0)).all():
@@ -346,6 +347,7 @@ class Laplace(PosthocMethod):
         params = [m.weight for m in modules.values()]
         B, C = enc.choice_mask.shape
         feats, gram = {}, torch.zeros(B, C, C, dtype=torch.float64)
+        enc = enc.one_pass()  # the hooks below need every row in one forward
         with _grad_only(model, params), _capture(modules) as io:
             logits = scorer.choice_logits(model, enc)
             keys = list(io)
