@@ -190,12 +190,14 @@ def format_markdown(result: dict, command: str) -> str:
              f"Training step (median of {c['steps']} after 1 warm-up; peak memory: growth of the process's peak "
              "RSS over the steps on CPU, `max_memory_allocated` on CUDA; one subprocess per method):", "",
              "| method | step s | x MLE | peak MiB | x MLE | trainable params |", "|---|---|---|---|---|---|"]
-    for r in result["train"]:
+    for r in result.get("train", []):
         lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['x_step']:.2f} | {r['peak_mib']:.0f} | "
                      f"{r['x_peak']:.2f} | {r['trainable_params']:,} |")
     lines += ["", f"BLoB predictive on one batch (median of {c['repeats']} after 1 warm-up):", "",
               "| predictive | S | seconds | x deterministic |", "|---|---|---|---|"]
-    for r in result["predictive"]:
+    if "predictive" not in result:
+        lines.append("| not measured yet: the run stopped before this part (rerun the command to finish it) | | | |")
+    for r in result.get("predictive", []):
         lines.append(f"| {r['predictive']} | {r['samples']} | {r['seconds']:.3f} | {r['x_deterministic']:.2f} |")
     lines += ["", "Command:", "", "```", command, "```", "", *environment_lines()]
     return "\n".join(lines) + "\n"
