@@ -172,6 +172,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=200, help="questions per evaluation set")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: the demo's set)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--md", default=None, help="also write the results as a Markdown fragment here "
+                   "(e.g. docs/results/demo.md)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -179,8 +181,11 @@ def _cmd_demo(args) -> int:
     from .demo import DEFAULT_DEMO_METHODS, run_demo
 
     methods = args.methods.split(",") if args.methods else list(DEFAULT_DEMO_METHODS)
+    import shlex
+
     run_demo(Path(args.out), model=args.model, steps=args.steps, eval_limit=args.eval_limit, methods=methods,
-             seed=args.seed)
+             seed=args.seed, md=Path(args.md) if args.md else None,
+             command="bayeslora " + shlex.join(sys.argv[1:]) if "demo" in sys.argv else "bayeslora demo")
     return 0
 
 
