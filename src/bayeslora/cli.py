@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _cmd_train(args) -> int:
                          train_limit=args.train_limit, eval_every=args.eval_every, eval_limit=args.eval_limit,
                          save_every=args.save_every, seed=args.seed)
     run_dir = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"run written to {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, only the main process reports
+        print(f"run written to {run_dir}")
     return 0
 
 
