@@ -41,8 +41,15 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path: Path, t
     filled = count > 0
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers[filled], acc[filled], width=width * 0.95, color="#4C72B0", edgecolor="black", label="accuracy")
-    ax.bar(centers[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width * 0.95, color="#DD8452",
-           alpha=0.45, edgecolor="#DD8452", hatch="//", label="gap to confidence")
+    # the gap spans accuracy..confidence: above the bar where over-confident, inside it where under-confident
+    # (two colours, so an under-confident bin does not read as a taller accuracy bar)
+    for side, color, label in ((conf > acc, "#DD8452", "over-confident gap"),
+                               (conf < acc, "#55A868", "under-confident gap")):
+        keep = filled & side
+        if keep.any():
+            low = acc[keep].clip(max=conf[keep])
+            ax.bar(centers[keep], abs(conf[keep] - acc[keep]), bottom=low, width=width * 0.95, color=color,
+                   alpha=0.6, edgecolor=color, hatch="//", label=label)
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
