@@ -1,0 +1,258 @@
+"""What a calibration grid's cells look like under other settings (issue 3): other predictives of the same trained
+runs, and re-trained cells with one method option changed (ablations). Both reuse the grid's protocol, evaluation
+subsets and cell machinery, so their numbers sit next to the grid's::
+
+    python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=10 vs head S=10 vs mean, + MLE
+    python -m bayeslora.bench.variants ablate runs/fewshot --method blob --option init_eps=0.3
+    python -m bayeslora.bench.variants report runs/fewshot --md docs/results/methods.md
+
+``predictive`` writes ``GRID/variants/predictive.jsonl`` (one row per run x variant, finished rows skipped);
+``ablate`` runs a grid of the one method in ``GRID/ablations/NAME`` (resumable like any grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..io_utils import atomic_write_text
+from .environment import environment_lines
+from .grid import GRID_FILE, RUNS_DIR, Cell, GridError, config_from_dict, make_config, read_results, \
+    run_grid
+
+VARIANTS_DIR = "variants"
+ABLATIONS_DIR = "ablations"
+PREDICTIVE_FILE = "predictive.jsonl"
+#: predictive variants per method: (label, method-config overrides, n_samples); MLE's deterministic forward is the
+#: cost reference of every ratio
+PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
+    "mle": [("deterministic", {}, 0)],
+    "blob": [("MC S=10", {"predictive": "mc"}, 10), ("head S=10", {"predictive": "head"}, 10),
+             ("posterior mean", {}, 0)],
+}
+REFERENCE = ("mle", "deterministic")
+MC_REFERENCE = ("blob", "MC S=10")
+
+
+def load_grid(grid: Path):
+    path = Path(grid) / GRID_FILE
+    if not path.is_file():
+        raise GridError(f"{grid} is not a calibration grid folder (no {GRID_FILE})")
+    return config_from_dict(json.loads(path.read_text())["config"])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- predictive variants --------------------------------------------------------------------------------------------
+def run_predictive(grid: Path, split: str = "test", log=print) -> list[dict]:
+    """Evaluate every finished run of the methods in :data:`PREDICTIVES` under each variant on the grid's
+    ``split`` subset (the same questions as the grid's table)."""
+    from ..evaluate import evaluate_examples
+    from ..runs import load_run
+    from .grid import eval_sets
+
+    grid = Path(grid)
+    config = load_grid(grid)
+    out = grid / VARIANTS_DIR / PREDICTIVE_FILE
+    rows = _read_jsonl(out)
+    done = {(r["method"], r["dataset"], r["seed"], r["variant"]) for r in rows}
+    cells = [r for r in read_results(grid) if r.get("status") == "ok" and r["method"] in PREDICTIVES]
+    for cell in cells:
+        todo = [v for v in PREDICTIVES[cell["method"]]
+                if (cell["method"], cell["dataset"], cell["seed"], v[0]) not in done]
+        if not todo:
+            continue
+        examples = eval_sets(config, cell["dataset"]).get(split)
+        if examples is None:
+            raise GridError(f"Dataset {cell['dataset']!r} has no {split!r} split in this grid")
+        run = load_run(grid / RUNS_DIR / Cell(cell["method"], cell["dataset"], cell["seed"]).run_name,
+                       model_spec=config.model)
+        base = run.method.config.to_dict()
+        for label, overrides, n_samples in todo:
+            run.method.config = type(run.method.config).from_dict({**base, **overrides})
+            evaluate_examples(run, examples[:8], n_samples=n_samples, batch_size=config.preset.eval_batch_size,
+                              seed=cell["seed"])  # warm-up: the first batch pays one-off costs
+            metrics, _ = evaluate_examples(run, examples, n_samples=n_samples,
+                                           batch_size=config.preset.eval_batch_size, seed=cell["seed"])
+            row = {"method": cell["method"], "dataset": cell["dataset"], "seed": cell["seed"], "variant": label,
+                   "split": split, **metrics}
+            rows.append(row)
+            atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+            log(f"{cell['method']} {cell['dataset']} s{cell['seed']} {label}: NLL {metrics['nll']:.4f} "
+                f"ECE {metrics['ece']:.2f} in {metrics['eval_time_s']:.1f} s")
+    return rows
+
+
+# -- ablations ------------------------------------------------------------------------------------------------------
+def parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise GridError(f"Expected an option KEY=VALUE, but got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def ablation_name(method: str, options: dict) -> str:
+    return method + "-" + ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+def run_ablation(grid: Path, method: str, options: dict, seeds: list[int] | None = None, log=print) -> Path:
+    """Train and evaluate ``method`` with ``options`` (on top of the preset's) under the grid's protocol."""
+    grid = Path(grid)
+    config = load_grid(grid)
+    name = ablation_name(method, options)
+    merged = dict(config.preset.method_options)
+    merged[method] = {**merged.get(method, {}), **options}
+    preset = replace(config.preset, name=f"{config.preset.name}+{name}", method_options=merged)
+    out = grid / ABLATIONS_DIR / name
+    sub = make_config(str(out), preset, methods=[method], datasets=config.datasets, seeds=seeds or config.seeds,
+                      model=config.model, data_dir=config.data_dir, ood_train=config.ood_train,
+                      ood_tasks=config.ood_tasks,
+                      command=f"python -m bayeslora.bench.variants ablate {grid} --method {method} "
+                      + " ".join(f"--option {k}={json.dumps(v)}" for k, v in options.items()))
+    run_grid(sub, log=log, subprocesses=True)
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def posterior_std_summary(run_dir: Path, model: str) -> dict | None:
+    """Mean posterior std of the Gaussian LoRA ``A`` entries and mean ``|A|`` (None for other methods)."""
+    from ..peft_ext import stochastic_layers
+    from ..runs import load_run
+
+    run = load_run(run_dir, model_spec=model)
+    layers = [layer for layer in stochastic_layers(run.model) if hasattr(layer, "std")]
+    if not layers:
+        return None
+    with torch.no_grad():
+        std = torch.cat([layer.std().flatten().float() for layer in layers])
+        mean = torch.cat([layer.weight.flatten().float() for layer in layers])
+    return {"std": std.mean().item(), "abs_mean": mean.abs().mean().item()}
+
+
+def predictive_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(no predictive variants evaluated yet)"]
+    ref_time = {(r["dataset"], r["seed"]): r["eval_time_s"] for r in rows if (r["method"], r["variant"]) == REFERENCE}
+    ref_nll = {(r["dataset"], r["seed"]): r["nll"] for r in rows if (r["method"], r["variant"]) == MC_REFERENCE}
+    lines = ["| method | predictive | seeds | ACC (%) | ECE (%) | NLL | NLL vs MC S=10 (%) | eval time vs MLE |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rows):
+        sel = [r for r in rows if (r["method"], r["variant"]) == (method, variant)]
+        keys = [(r["dataset"], r["seed"]) for r in sel]
+        rel_nll = [100 * (r["nll"] / ref_nll[k] - 1) for r, k in zip(sel, keys, strict=True) if k in ref_nll]
+        rel_time = [r["eval_time_s"] / ref_time[k] for r, k in zip(sel, keys, strict=True) if k in ref_time]
+        lines.append(f"| {method} | {variant} | {','.join(str(r['seed']) for r in sel)} | "
+                     f"{_mean_std([100 * r['acc'] for r in sel], 1)} | {_mean_std([r['ece'] for r in sel], 2)} | "
+                     f"{_mean_std([r['nll'] for r in sel], 3)} | {_mean_std(rel_nll, 2)} | "
+                     f"{_mean_std(rel_time, 2)}x |")
+    return lines
+
+
+def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[str]:
+    """The grid's own cells of ``methods`` next to every ablation's, on ``split``."""
+    groups: list[tuple[str, Path, list[dict]]] = [("grid (preset defaults)", grid, read_results(grid))]
+    for folder in sorted((grid / ABLATIONS_DIR).glob("*")) if (grid / ABLATIONS_DIR).is_dir() else []:
+        if (folder / GRID_FILE).is_file():
+            groups.append((folder.name, folder, read_results(folder)))
+    lines = [f"| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean abs A |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, folder, rows in groups:
+        for method in dict.fromkeys(r["method"] for r in rows):
+            if method not in methods:
+                continue
+            sel = [r for r in rows if r["method"] == method and r.get("status") == "ok" and split in r["metrics"]]
+            if not sel:
+                continue
+            m = [r["metrics"][split] for r in sel]
+            stats = [posterior_std_summary(folder / RUNS_DIR / Cell(method, r["dataset"], r["seed"]).run_name,
+                                           config.model) for r in sel]
+            stats = [s for s in stats if s]
+            lines.append(f"| {label} | {method} | {','.join(str(r['seed']) for r in sel)} | "
+                         f"{_mean_std([100 * x['acc'] for x in m], 1)} | {_mean_std([x['ece'] for x in m], 2)} | "
+                         f"{_mean_std([x['nll'] for x in m], 3)} | "
+                         f"{_mean_std([x.get('mean_epistemic', 0.0) for x in m], 4)} | "
+                         f"{_mean_std([s['std'] for s in stats], 4)} | {_mean_std([s['abs_mean'] for s in stats], 4)} |")
+    return lines
+
+
+def report(grid: Path, split: str = "test") -> str:
+    grid = Path(grid)
+    config = load_grid(grid)
+    rows = _read_jsonl(grid / VARIANTS_DIR / PREDICTIVE_FILE)
+    ablated = sorted({p.name.split("-", 1)[0] for p in (grid / ABLATIONS_DIR).glob("*")}) \
+        if (grid / ABLATIONS_DIR).is_dir() else []
+    methods = ["mle", *ablated]
+    lines = ["## Methods: predictive variants and ablations (`python -m bayeslora.bench.variants`)", "",
+             f"On the cells of the calibration grid `{grid}` (preset `{config.preset.name}`: "
+             f"{config.preset.description}); every number is on the grid's fixed `{split}` subset. Mean ± sample std "
+             "over seeds.", "",
+             "### Predictives of the same trained runs", "",
+             "`python -m bayeslora.bench.variants predictive " + str(grid) + "`. Eval time: wall time of the whole "
+             "subset after one warm-up batch, as a ratio to the MLE run's deterministic forward of the same seed "
+             "(measured in one process, one after the other).", "",
+             *predictive_table(rows), "",
+             "### Ablations (re-trained cells with one method option changed)", "",
+             "Each row after the first group: `python -m bayeslora.bench.variants ablate " + str(grid)
+             + " --method M --option KEY=VALUE` (the row's name). Posterior std of A: the mean over every entry of "
+               "the Gaussian LoRA A matrices after training (BLoB initializes it at rho^2 with rho ~ U(eps/sqrt 2, "
+               "eps)).", "",
+             *ablation_table(grid, config, split, methods), "",
+             *environment_lines()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bayeslora.bench.variants", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    pred = sub.add_parser("predictive", help="evaluate the grid's runs under the predictive variants")
+    pred.add_argument("grid")
+    pred.add_argument("--split", default="test")
+    abl = sub.add_parser("ablate", help="re-train one method with changed options under the grid's protocol")
+    abl.add_argument("grid")
+    abl.add_argument("--method", required=True)
+    abl.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", required=True)
+    abl.add_argument("--seeds", default=None, help="comma-separated seeds (default: the grid's)")
+    rep = sub.add_parser("report", help="write the Markdown fragment")
+    rep.add_argument("grid")
+    rep.add_argument("--md", required=True)
+    rep.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "predictive":
+            run_predictive(Path(args.grid), args.split)
+        elif args.command == "ablate":
+            options = dict(parse_option(o) for o in args.option)
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+            print(f"wrote {run_ablation(Path(args.grid), args.method, options, seeds)}")
+        else:
+            atomic_write_text(Path(args.md), report(Path(args.grid), args.split))
+            print(f"wrote {args.md}")
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
