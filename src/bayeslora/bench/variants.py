@@ -175,7 +175,7 @@ def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[s
     for folder in sorted((grid / ABLATIONS_DIR).glob("*")) if (grid / ABLATIONS_DIR).is_dir() else []:
         if (folder / GRID_FILE).is_file():
             groups.append((folder.name, folder, read_results(folder)))
-    lines = [f"| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean abs A |",
+    lines = ["| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean |A| |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, folder, rows in groups:
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -192,7 +192,8 @@ def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[s
                          f"{_mean_std([100 * x['acc'] for x in m], 1)} | {_mean_std([x['ece'] for x in m], 2)} | "
                          f"{_mean_std([x['nll'] for x in m], 3)} | "
                          f"{_mean_std([x.get('mean_epistemic', 0.0) for x in m], 4)} | "
-                         f"{_mean_std([s['std'] for s in stats], 4)} | {_mean_std([s['abs_mean'] for s in stats], 4)} |")
+                         f"{_mean_std([s['std'] for s in stats], 4)} | "
+                         f"{_mean_std([s['abs_mean'] for s in stats], 4)} |")
     return lines
 
 
