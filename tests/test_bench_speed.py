@@ -23,9 +23,25 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert "reusing the finished parts" in capsys.readouterr().err
     text = md.read_text()
     assert "| blob |" in text and "Versions:" in text and "bench speed" in text
+    one_pass, shared = result["scoring"]
+    assert one_pass["scoring"].startswith("one pass") and shared["scoring"].startswith("shared")
+    assert one_pass["x_forward"] == 1.0 and shared["x_forward"] > 0
+    # the built-in task's long shared prompt runs once per question instead of once per choice
+    assert shared["positions"] < one_pass["positions"]
+    assert "| shared context, KV cache |" in text
+
+
+def test_bench_speed_parts(tmp_path):
+    md = tmp_path / "scoring.md"
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "scoring",
+                 "--repeats", "1", "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "Cloze scoring" in text and "Training step" not in text and "BLoB predictive" not in text
 
 
 def test_bench_speed_rejects_bad_input(capsys):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--methods", "nope"]) == 2
     assert "Unknown method 'nope'" in capsys.readouterr().err
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--samples", "0"]) == 2
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "train,nope"]) == 2
+    assert "Expected parts among" in capsys.readouterr().err

@@ -30,6 +30,9 @@ def add_speed_command(bench) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per method (after 1 warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="timed predictive runs per setting (after 1 warm-up)")
     p.add_argument("--samples", default="1,4,10", help="comma-separated sample counts S")
+    p.add_argument("--parts", default="train,predictive,scoring",
+                   help="comma-separated parts: train (step time/memory per method), predictive (BLoB sample "
+                   "costs), scoring (cloze shared context vs one pass)")
     p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
     p.add_argument("--json", default=None, help="write the raw measurements here; each finished part is saved at "
                    "once and a rerun with the same options reuses it")
@@ -45,7 +48,8 @@ def _cmd_speed(args) -> int:
     for name in methods:
         get_method_class(name)  # unknown names fail before any measurement
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
-                         steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir)
+                         steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir,
+                         parts=[x.strip() for x in args.parts.split(",") if x.strip()])
     result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        partial=Path(args.json) if args.json else None)
     command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"

@@ -7,6 +7,8 @@
 2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
    as S sequential forwards vs ONE batched forward, and the cheap head predictive (trunk once + S head samples).
    Median of ``repeats`` timed runs after one warm-up run.
+3. Cloze scoring of one batch with each question's shared context run once (prefix pass + continuations on its KV
+   cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from ..io_utils import atomic_write_text
 from .environment import environment_lines
 
 
+PARTS = ("train", "predictive", "scoring")
+
+
 @dataclass
 class SpeedConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "base model spec"})
@@ -36,6 +41,7 @@ class SpeedConfig:
     steps: int = field(default=3, metadata={"help": "timed training steps per method (after one warm-up)"})
     repeats: int = field(default=2, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
     samples: list[int] = field(default_factory=lambda: [1, 4, 10])
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
     data_dir: str | None = None
 
     def __post_init__(self):
@@ -46,6 +52,9 @@ class SpeedConfig:
             raise ValueError(f"Expected `samples` to be positive ints, but got {self.samples!r}")
         if not self.methods:
             raise ValueError("Expected at least one method")
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"Expected parts among {list(PARTS)}, but got {self.parts!r}")
 
 
 def _sync() -> None:
@@ -142,6 +151,43 @@ def measure_predictive(config: SpeedConfig) -> list[dict]:
     return rows
 
 
+def measure_scoring(config: SpeedConfig) -> list[dict]:
+    """Shared-context cloze scoring vs one pass per row on one batch (empty for a letter-format model)."""
+    from ..scoring import ClozeScorer
+    from ..tasks import load_task
+
+    _, model, scorer = _setup(config, "mle")
+    if not isinstance(scorer, ClozeScorer):
+        return []
+    device = next(model.parameters()).device
+    examples = load_task(config.dataset, "validation", config.data_dir, limit=config.batch_size)
+    repeats = max(config.repeats, 3)
+    rows = []
+    for share in (False, True):
+        scorer.share_prefix = share
+        enc = scorer.encode(examples).to(device)
+        if share and not enc.shared_prefix:
+            raise ValueError(f"The {config.dataset} questions do not share one context across their choices")
+
+        def forward(enc=enc):
+            with torch.no_grad():
+                scorer.choice_logits(model, enc)
+
+        def forward_backward(enc=enc):
+            torch.nn.functional.cross_entropy(scorer.choice_logits(model, enc), enc.labels).backward()
+            model.zero_grad(set_to_none=True)
+
+        positions = enc.prefix_ids.numel() + enc.cont_ids.numel() if share else enc.input_ids.numel()
+        rows.append({"scoring": "shared context, KV cache" if share else "one pass per (question, choice) row",
+                     "positions": positions, "forward_s": _timed(forward, repeats),
+                     "forward_backward_s": _timed(forward_backward, repeats)})
+    for row in rows:
+        row["x_forward"] = row["forward_s"] / rows[0]["forward_s"]
+        row["x_forward_backward"] = row["forward_backward_s"] / rows[0]["forward_backward_s"]
+    scorer.share_prefix = True
+    return rows
+
+
 def _subprocess_train_step(config: SpeedConfig, method: str) -> dict:
     cmd = [sys.executable, "-m", "bayeslora.bench.speed", "--train-step", method, json.dumps(asdict(config))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
@@ -158,9 +204,9 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
         saved = json.loads(Path(partial).read_text())
         if saved.get("config") == result["config"]:
             result = saved
-            done = [k for k in ("train", "predictive") if k in saved]
+            done = [k for k in PARTS if k in saved]
             log(f"[speed] reusing the finished parts in {partial}: {done}")
-    if "train" not in result:
+    if "train" in config.parts and "train" not in result:
         rows = []
         for method in config.methods:
             log(f"[speed] training step: {method}")
@@ -171,9 +217,13 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
             row["x_peak"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
         result["train"] = rows
         _save_partial(partial, result)
-    if "predictive" not in result:
+    if "predictive" in config.parts and "predictive" not in result:
         log("[speed] predictive")
         result["predictive"] = measure_predictive(config)
+        _save_partial(partial, result)
+    if "scoring" in config.parts and "scoring" not in result:
+        log("[speed] cloze scoring: shared context vs one pass")
+        result["scoring"] = measure_scoring(config)
         _save_partial(partial, result)
     return result
 
@@ -185,22 +235,59 @@ def _save_partial(path: Path | None, result: dict) -> None:
 
 def format_markdown(result: dict, command: str) -> str:
     c = result["config"]
+    parts = c.get("parts", ["train", "predictive"])
     lines = [f"Model `{c['model']}` on {result['device']}, batch of {c['batch_size']} `{c['dataset']}` questions "
-             f"(cloze/letter as `--format auto`), LoRA r=8 on q_proj, v_proj, lm_head.", "",
-             f"Training step (median of {c['steps']} after 1 warm-up; peak memory: growth of the process's peak "
+             f"(cloze/letter as `--format auto`), LoRA r=8 on q_proj, v_proj, lm_head.", ""]
+    if "train" in parts:
+        lines += _train_lines(result)
+    if "predictive" in parts:
+        lines += _predictive_lines(result)
+    if "scoring" in parts:
+        lines += _scoring_lines(result)
+    lines += ["Command:", "", "```", command, "```", "", *environment_lines()]
+    return "\n".join(lines) + "\n"
+
+
+def _missing(part: str) -> str:
+    return f"(not measured yet: the run stopped before the {part} part; rerun the command to finish it)"
+
+
+def _train_lines(result: dict) -> list[str]:
+    c = result["config"]
+    lines = [f"Training step (median of {c['steps']} after 1 warm-up; peak memory: growth of the process's peak "
              "RSS over the steps on CPU, `max_memory_allocated` on CUDA; one subprocess per method):", "",
              "| method | step s | x MLE | peak MiB | x MLE | trainable params |", "|---|---|---|---|---|---|"]
-    for r in result.get("train", []):
+    if "train" not in result:
+        return [*lines[:-2], _missing("training"), ""]
+    for r in result["train"]:
         lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['x_step']:.2f} | {r['peak_mib']:.0f} | "
                      f"{r['x_peak']:.2f} | {r['trainable_params']:,} |")
-    lines += ["", f"BLoB predictive on one batch (median of {c['repeats']} after 1 warm-up):", "",
-              "| predictive | S | seconds | x deterministic |", "|---|---|---|---|"]
+    return [*lines, ""]
+
+
+def _predictive_lines(result: dict) -> list[str]:
+    lines = [f"BLoB predictive on one batch (median of {result['config']['repeats']} after 1 warm-up):", ""]
     if "predictive" not in result:
-        lines.append("| not measured yet: the run stopped before this part (rerun the command to finish it) | | | |")
-    for r in result.get("predictive", []):
+        return [*lines, _missing("predictive"), ""]
+    lines += ["| predictive | S | seconds | x deterministic |", "|---|---|---|---|"]
+    for r in result["predictive"]:
         lines.append(f"| {r['predictive']} | {r['samples']} | {r['seconds']:.3f} | {r['x_deterministic']:.2f} |")
-    lines += ["", "Command:", "", "```", command, "```", "", *environment_lines()]
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
+
+
+def _scoring_lines(result: dict) -> list[str]:
+    lines = [f"Cloze scoring of one batch, MLE model (median of {max(result['config']['repeats'], 3)} after 1 "
+             "warm-up; positions: padded token positions run through the model):", ""]
+    if "scoring" not in result:
+        return [*lines, _missing("scoring"), ""]
+    if not result["scoring"]:
+        return [*lines, "(not applicable: the model scores in letter format)", ""]
+    lines += ["| scoring | positions | forward s | x one pass | forward + backward s | x one pass |",
+              "|---|---|---|---|---|---|"]
+    for r in result["scoring"]:
+        lines.append(f"| {r['scoring']} | {r['positions']} | {r['forward_s']:.3f} | {r['x_forward']:.2f} | "
+                     f"{r['forward_backward_s']:.3f} | {r['x_forward_backward']:.2f} |")
+    return [*lines, ""]
 
 
 def write_speed(result: dict, md_path: Path | None, json_path: Path | None, command: str) -> str:
