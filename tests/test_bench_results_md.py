@@ -34,7 +34,7 @@ def test_results_md_orders_fragments_and_separates_published(tmp_path):
     small_grid(grid)
     (docs / "results").mkdir(parents=True)
     (docs / "results" / "a-speed.md").write_text("## Speed benchmark\n\nratio 1.5x\n")
-    write_calibration_fragment(grid, docs)
+    assert write_calibration_fragment(grid, docs).name == "calibration-cpu-small.md"
     text = write_results_md(docs).read_text()
     ours, published = text.split("# Part 2: published reference numbers (not measured here)")
     assert ours.index("## Calibration benchmark") < ours.index("## Speed benchmark")

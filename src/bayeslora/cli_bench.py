@@ -82,10 +82,11 @@ def _cmd_report(args) -> int:
 
 def _results_parser(bench) -> None:
     p = bench.add_parser("results", help="regenerate docs/RESULTS.md",
-                         description="Write docs/results/calibration.md from a grid (with --grid) and assemble "
-                         "docs/RESULTS.md from every docs/results/*.md fragment plus the published reference "
-                         "numbers.")
-    p.add_argument("--grid", default=None, help="grid output folder to (re)write docs/results/calibration.md from")
+                         description="Write docs/results/calibration-PRESET.md from each grid given with --grid "
+                         "and assemble docs/RESULTS.md from every docs/results/*.md fragment plus the published "
+                         "reference numbers.")
+    p.add_argument("--grid", action="append", default=[],
+                   help="grid output folder to (re)write docs/results/calibration-PRESET.md from (repeatable)")
     p.add_argument("--docs", default="docs", help="the docs folder (default: ./docs)")
     p.set_defaults(func=_cmd_results)
 
@@ -94,8 +95,8 @@ def _cmd_results(args) -> int:
     from .bench.results_md import write_calibration_fragment, write_results_md
 
     docs = Path(args.docs)
-    if args.grid:
-        print(f"wrote {write_calibration_fragment(Path(args.grid), docs)}")
+    for grid in args.grid:
+        print(f"wrote {write_calibration_fragment(Path(grid), docs)}")
     print(f"wrote {write_results_md(docs)}")
     return 0
 
