@@ -25,6 +25,9 @@ def grid(tmp_path_factory):
 
 
 def test_predictive_variants_evaluate_every_run_once(grid):
+    with pytest.raises(GridError, match="No predictive variants"):
+        variants.run_predictive(grid, methods=["map"])
+    assert variants.run_predictive(grid, split="test", log=lambda msg: None, seeds=[7]) == []
     rows = variants.run_predictive(grid, split="test", log=lambda msg: None)
     labels = {(r["method"], r["variant"]) for r in rows}
     assert labels == {("mle", "deterministic"), ("blob", "MC S=10"), ("blob", "head S=10"),

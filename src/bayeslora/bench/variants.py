@@ -2,7 +2,8 @@
 runs, and re-trained cells with one method option changed (ablations). Both reuse the grid's protocol, evaluation
 subsets and cell machinery, so their numbers sit next to the grid's::
 
-    python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=10 vs head S=10 vs mean, + MLE
+    python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=10 vs head S=10 vs mean, + MLE;
+                                                                   # sgp: S = 1, 4, 10, 32
     python -m bayeslora.bench.variants ablate runs/fewshot --method blob --option init_eps=0.3
     python -m bayeslora.bench.variants report runs/fewshot --md docs/results/methods.md
 
@@ -35,6 +36,7 @@ PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
     "mle": [("deterministic", {}, 0)],
     "blob": [("MC S=10", {"predictive": "mc"}, 10), ("head S=10", {"predictive": "head"}, 10),
              ("posterior mean", {}, 0)],
+    "sgp": [("S=1", {}, 1), ("S=4", {}, 4), ("S=10", {}, 10), ("S=32", {}, 32)],
 }
 REFERENCE = ("mle", "deterministic")
 MC_REFERENCE = ("blob", "MC S=10")
@@ -54,9 +56,11 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 # -- predictive variants --------------------------------------------------------------------------------------------
-def run_predictive(grid: Path, split: str = "test", log=print) -> list[dict]:
-    """Evaluate every finished run of the methods in :data:`PREDICTIVES` under each variant on the grid's
-    ``split`` subset (the same questions as the grid's table)."""
+def run_predictive(grid: Path, split: str = "test", log=print, methods: list[str] | None = None,
+                   seeds: list[int] | None = None, max_samples: int | None = None) -> list[dict]:
+    """Evaluate every finished run of the methods in :data:`PREDICTIVES` (or ``methods``; ``seeds``: only those)
+    under each variant (up to ``max_samples`` samples) on the grid's ``split`` subset (the same questions as the
+    grid's table)."""
     from ..evaluate import evaluate_examples
     from ..runs import load_run
     from .grid import eval_sets
@@ -66,10 +70,15 @@ def run_predictive(grid: Path, split: str = "test", log=print) -> list[dict]:
     out = grid / VARIANTS_DIR / PREDICTIVE_FILE
     rows = _read_jsonl(out)
     done = {(r["method"], r["dataset"], r["seed"], r["variant"]) for r in rows}
-    cells = [r for r in read_results(grid) if r.get("status") == "ok" and r["method"] in PREDICTIVES]
+    unknown = sorted(set(methods or []) - set(PREDICTIVES))
+    if unknown:
+        raise GridError(f"No predictive variants for {unknown}; known: {sorted(PREDICTIVES)}")
+    cells = [r for r in read_results(grid) if r.get("status") == "ok" and r["method"] in (methods or PREDICTIVES)
+             and (not seeds or r["seed"] in seeds)]
     for cell in cells:
         todo = [v for v in PREDICTIVES[cell["method"]]
-                if (cell["method"], cell["dataset"], cell["seed"], v[0]) not in done]
+                if (cell["method"], cell["dataset"], cell["seed"], v[0]) not in done
+                and (max_samples is None or v[2] <= max_samples)]
         if not todo:
             continue
         examples = eval_sets(config, cell["dataset"]).get(split)
@@ -223,12 +232,19 @@ def report(grid: Path, split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bayeslora.bench.variants", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pred = sub.add_parser("predictive", help="evaluate the grid's runs under the predictive variants")
     pred.add_argument("grid")
     pred.add_argument("--split", default="test")
+    pred.add_argument("--methods", default=None, help=f"comma-separated, among {sorted(PREDICTIVES)} (default: all)")
+    pred.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed of the grid)")
+    pred.add_argument("--max-samples", type=int, default=None, help="skip variants with more samples than this")
     abl = sub.add_parser("ablate", help="re-train one method with changed options under the grid's protocol")
     abl.add_argument("grid")
     abl.add_argument("--method", required=True)
@@ -241,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "predictive":
-            run_predictive(Path(args.grid), args.split)
+            run_predictive(Path(args.grid), args.split, methods=_csv(args.methods),
+                           seeds=[int(x) for x in _csv(args.seeds) or []], max_samples=args.max_samples)
         elif args.command == "ablate":
             options = dict(parse_option(o) for o in args.option)
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
