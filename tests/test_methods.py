@@ -158,3 +158,20 @@ def test_negative_samples_on_the_cli(tmp_path, capsys):
     run_dir = _tiny_run(tmp_path, "mcd", steps=1)
     assert main(["eval", str(run_dir), "--limit", "2", "--samples", "-1"]) == 2
     assert "n_samples" in capsys.readouterr().err
+
+
+def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):
+    method, model, _ = _prepared("blob", {"rho_lr": 0.05})
+    groups = method.param_groups(model)
+    assert "lr" not in groups[0] and groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    with pytest.raises(MethodError, match="rho_lr"):
+        build_method("blob", {"rho_lr": 0.0})
+
+    def mean_std(run_dir):
+        run = load_run(run_dir)
+        return torch.cat([layer.std().flatten() for layer in stochastic_layers(run.model)]).mean().item()
+
+    # the KL pushes sigma (initially ~0.002) towards the prior's 0.2: at lr 1e-4 Adam barely moves rho in 3 steps
+    slow = mean_std(_tiny_run(tmp_path / "a", "blob", steps=3, lr=1e-4))
+    fast = mean_std(_tiny_run(tmp_path / "b", "blob", steps=3, lr=1e-4, method_options={"rho_lr": 0.05}))
+    assert slow < 0.0025 < 0.01 < fast

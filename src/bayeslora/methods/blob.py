@@ -10,7 +10,10 @@ KL weighting (a choice; the paper's code offers two): we use the dataset-size sc
 example, which makes the loss an unbiased per-example negative ELBO. The reference weights the KL of each minibatch
 by ``1 / M`` (M = minibatches per epoch) next to a *mean* NLL, i.e. ``batch_size / N``: ``kl_weight = batch_size``
 reproduces it. The reference also steps the KL gradient with a separate SGD optimizer (lr 0.01-0.02); we keep one
-AdamW over ``loss = nll + kl_scale * kl`` (the generic loop), with ``rho`` in its own group without weight decay.
+AdamW over ``loss = nll + kl_scale * kl`` (the generic loop), with ``rho`` in its own group without weight decay
+and, with ``rho_lr``, its own learning rate: under Adam ``rho`` moves by about its learning rate per step whatever
+the KL weight, so with the paper's ``eps`` = 0.05 sigma stays near its initial 0.002 for the first few hundred
+steps at lr 1e-4-1e-3 (docs/results/methods.md measures this).
 
 ``predictive = "head"`` (the cheap predictive): the trunk runs once at the posterior mean and only the LM head's
 ``A`` is resampled, ``S`` times, from the captured LM-head input ``h``: per sample the extra cost is
@@ -62,12 +65,18 @@ class BlobConfig(MethodConfig):
     kl_weight: float = field(default=1.0, metadata={"help": "multiplies the per-example KL / N (batch_size: the "
                                                              "reference's 1/M minibatch weighting)"})
     predictive: str = field(default="mc", metadata={"help": "mc (full samples) or head (cheap: LM head only)"})
+    rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
+                                                                  "Adam moves rho by about lr per step whatever the "
+                                                                  "KL weight, so a short schedule needs a larger one "
+                                                                  "for sigma to leave its initial value"})
 
     def __post_init__(self):
         super().__post_init__()
         for name in ("init_eps", "prior_std"):
             if not getattr(self, name) > 0:
                 raise MethodError(f"Expected BLoB `{name}` > 0, but got {getattr(self, name)!r}")
+        if self.rho_lr is not None and not self.rho_lr > 0:
+            raise MethodError(f"Expected BLoB `rho_lr` > 0 (or unset), but got {self.rho_lr!r}")
         if not self.kl_weight >= 0:
             raise MethodError(f"Expected BLoB `kl_weight` >= 0, but got {self.kl_weight!r}")
         try:
@@ -105,8 +114,11 @@ class Blob(BayesianMethod):
     def param_groups(self, model) -> list[dict]:
         rho = {id(layer.rho) for layer in stochastic_layers(model)}
         params = [p for p in model.parameters() if p.requires_grad]
+        rho_group = {"params": [p for p in params if id(p) in rho], "weight_decay": 0.0}
+        if self.config.rho_lr is not None:
+            rho_group["lr"] = self.config.rho_lr
         return [{"params": [p for p in params if id(p) not in rho], "weight_decay": self.config.weight_decay},
-                {"params": [p for p in params if id(p) in rho], "weight_decay": 0.0}]
+                rho_group]
 
     def kl(self) -> torch.Tensor:
         if not self._layers:
