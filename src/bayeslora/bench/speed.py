@@ -162,29 +162,43 @@ def measure_scoring(config: SpeedConfig) -> list[dict]:
     device = next(model.parameters()).device
     examples = load_task(config.dataset, "validation", config.data_dir, limit=config.batch_size)
     repeats = max(config.repeats, 3)
-    rows = []
+    encoded = {}
     for share in (False, True):
         scorer.share_prefix = share
-        enc = scorer.encode(examples).to(device)
-        if share and not enc.shared_prefix:
+        encoded[share] = scorer.encode(examples).to(device)
+        if share and not encoded[share].shared_prefix:
             raise ValueError(f"The {config.dataset} questions do not share one context across their choices")
+    scorer.share_prefix = True  # the encoded batch decides the path (prefix tensors present or not)
 
-        def forward(enc=enc):
-            with torch.no_grad():
-                scorer.choice_logits(model, enc)
+    def forward(enc):
+        with torch.no_grad():
+            scorer.choice_logits(model, enc)
 
-        def forward_backward(enc=enc):
-            torch.nn.functional.cross_entropy(scorer.choice_logits(model, enc), enc.labels).backward()
-            model.zero_grad(set_to_none=True)
+    def forward_backward(enc):
+        torch.nn.functional.cross_entropy(scorer.choice_logits(model, enc), enc.labels).backward()
+        model.zero_grad(set_to_none=True)
 
+    # the two settings alternate run by run, so that a change in the machine's load hits both alike
+    times = {(share, fn.__name__): [] for share in encoded for fn in (forward, forward_backward)}
+    for fn in (forward, forward_backward):
+        for share in encoded:
+            fn(encoded[share])  # warm-up
+        for _ in range(repeats):
+            for share, enc in encoded.items():
+                _sync()
+                t0 = time.perf_counter()
+                fn(enc)
+                _sync()
+                times[share, fn.__name__].append(time.perf_counter() - t0)
+    rows = []
+    for share, enc in encoded.items():
         positions = enc.prefix_ids.numel() + enc.cont_ids.numel() if share else enc.input_ids.numel()
         rows.append({"scoring": "shared context, KV cache" if share else "one pass per (question, choice) row",
-                     "positions": positions, "forward_s": _timed(forward, repeats),
-                     "forward_backward_s": _timed(forward_backward, repeats)})
+                     "positions": positions, "forward_s": statistics.median(times[share, "forward"]),
+                     "forward_backward_s": statistics.median(times[share, "forward_backward"])})
     for row in rows:
         row["x_forward"] = row["forward_s"] / rows[0]["forward_s"]
         row["x_forward_backward"] = row["forward_backward_s"] / rows[0]["forward_backward_s"]
-    scorer.share_prefix = True
     return rows
 
 
@@ -277,7 +291,8 @@ def _predictive_lines(result: dict) -> list[str]:
 
 def _scoring_lines(result: dict) -> list[str]:
     lines = [f"Cloze scoring of one batch, MLE model (median of {max(result['config']['repeats'], 3)} after 1 "
-             "warm-up; positions: padded token positions run through the model):", ""]
+             "warm-up, the two settings alternating run by run; positions: padded token positions run through the "
+             "model):", ""]
     if "scoring" not in result:
         return [*lines, _missing("scoring"), ""]
     if not result["scoring"]:
