@@ -197,3 +197,15 @@ def test_subsample_is_fixed_and_ordered():
 
 def test_cell_keys_are_safe():
     assert Cell("mle", "/tmp/my data.jsonl", 2).key == "mle__my_data__s2"
+
+
+def test_hand_over_files_of_a_killed_cell_are_not_rows(grid):
+    """A grid killed mid-cell leaves ``KEY.request.json`` behind; the results must still be written."""
+    leftover = grid["out"] / "cells" / "mle__arith__s9.request.json"
+    leftover.write_text(json.dumps({"config": {}, "cell": {"method": "mle", "dataset": "arith", "seed": 9}}))
+    try:
+        rows = grid_mod.collect_rows(grid["out"])
+        assert rows and all("status" in r for r in rows)
+        grid_mod.write_results(grid["out"], grid["config"])
+    finally:
+        leftover.unlink()

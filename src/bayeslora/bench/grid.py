@@ -472,6 +472,8 @@ def collect_rows(out: Path, config: GridConfig | None = None) -> list[dict]:
         return [r for r in rows if r is not None]
     rows = []
     for path in sorted((out / CELLS_DIR).glob("*.json")):
+        if path.name.endswith((".request.json", ".child.json")):
+            continue  # a cell process's hand-over files (left behind when a grid is killed mid-cell)
         try:
             rows.append(json.loads(path.read_text()))
         except json.JSONDecodeError:
