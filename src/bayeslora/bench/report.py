@@ -72,10 +72,10 @@ def split_table(rows: list[dict], split: str, metrics=METRICS) -> dict | None:
         return None
     datasets = _order(d for d, _ in values)
     methods = _order(r["method"] for r in rows)
-    body = {f"{d} / {m}": [format_cell([v.get(key) for v in values[(d, m)]], scale, decimals)
-                           for key, _, scale, decimals in metrics]
+    body = {f"{d} / {m}": [*(format_cell([v.get(key) for v in values[(d, m)]], scale, decimals)
+                             for key, _, scale, decimals in metrics), str(len(values[(d, m)]))]
             for d in datasets for m in methods if (d, m) in values}
-    return {"columns": [title for _, title, _, _ in metrics], "rows": body}
+    return {"columns": [*(title for _, title, _, _ in metrics), "seeds"], "rows": body}
 
 
 SECTIONS = (("validation", "In-distribution, validation split", METRICS),
