@@ -60,6 +60,16 @@ def test_ablation_changes_the_option_and_reports_next_to_the_grid(grid):
     assert "| grid (preset defaults) | mle | 1 |" in md
 
 
+def test_posthoc_ablation_reuses_the_grids_mle_run(grid):
+    out = variants.run_ablation(grid, "temperature", {"max_iter": 20}, log=lambda msg: None)
+    rows = read_results(out)
+    assert [(r["method"], r["status"]) for r in rows] == [("temperature", "ok")]
+    copied = json.loads((out / "runs" / "mle-arith-s1" / "run.json").read_text())
+    original = json.loads((grid / "runs" / "mle-arith-s1" / "run.json").read_text())
+    assert copied == original  # copied, not retrained
+    assert rows[0]["mle_train_time_s"] == original["train_time_s"]
+
+
 def test_bad_requests_are_clear_errors(tmp_path, grid):
     with pytest.raises(GridError, match="not a calibration grid"):
         variants.load_grid(tmp_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from dataclasses import replace
@@ -24,8 +25,8 @@ import torch
 
 from ..io_utils import atomic_write_text
 from .environment import environment_lines
-from .grid import GRID_FILE, RUNS_DIR, Cell, GridError, config_from_dict, make_config, read_results, \
-    run_grid
+from .grid import GRID_FILE, MLE, RUNS_DIR, Cell, GridError, _run_done, config_from_dict, make_config, \
+    read_results, run_grid
 
 VARIANTS_DIR = "variants"
 ABLATIONS_DIR = "ablations"
@@ -119,6 +120,8 @@ def ablation_name(method: str, options: dict) -> str:
 
 def run_ablation(grid: Path, method: str, options: dict, seeds: list[int] | None = None, log=print) -> Path:
     """Train and evaluate ``method`` with ``options`` (on top of the preset's) under the grid's protocol."""
+    from ..methods import get_method_class
+
     grid = Path(grid)
     config = load_grid(grid)
     name = ablation_name(method, options)
@@ -126,6 +129,14 @@ def run_ablation(grid: Path, method: str, options: dict, seeds: list[int] | None
     merged[method] = {**merged.get(method, {}), **options}
     preset = replace(config.preset, name=f"{config.preset.name}+{name}", method_options=merged)
     out = grid / ABLATIONS_DIR / name
+    if getattr(get_method_class(method), "posthoc", False):
+        # the ablation changes only the post-hoc method: reuse the grid's finished MLE runs instead of retraining
+        for dataset in config.datasets:
+            for seed in seeds or config.seeds:
+                source = grid / RUNS_DIR / Cell(MLE, dataset, seed).run_name
+                target = out / RUNS_DIR / source.name
+                if _run_done(source) and not target.exists():
+                    shutil.copytree(source, target)
     sub = make_config(str(out), preset, methods=[method], datasets=config.datasets, seeds=seeds or config.seeds,
                       model=config.model, data_dir=config.data_dir, ood_train=config.ood_train,
                       ood_tasks=config.ood_tasks,
