@@ -55,7 +55,10 @@ def test_ablation_changes_the_option_and_reports_next_to_the_grid(grid):
         std[label] = variants.posterior_std_summary(folder / "runs" / "blob-arith-s1", config.model)["std"]
     # rho ~ U(eps / sqrt 2, eps), std = rho^2: ~0.0019 at eps 0.05, ~0.068 at eps 0.3 (2 steps barely move it)
     assert std["grid"] < 0.003 < 0.03 < std["ablation"]
+    # the ablated run's predictives are reported next to the grid's, labelled with the ablation
+    variants.run_predictive(out, methods=["blob"], log=lambda msg: None)
     md = variants.report(grid, split="test")
+    assert "| blob (init_eps=0.3) | head S=10 | 1 |" in md and "| blob | head S=10 | 1 |" in md
     assert "| grid (preset defaults) | blob | 1 |" in md and "| blob-init_eps=0.3 | blob | 1 |" in md
     assert "| grid (preset defaults) | mle | 1 |" in md
 

@@ -170,17 +170,24 @@ def posterior_std_summary(run_dir: Path, model: str) -> dict | None:
     return {"std": std.mean().item(), "abs_mean": mean.abs().mean().item()}
 
 
+def _ablation_folders(grid: Path) -> list[Path]:
+    folder = Path(grid) / ABLATIONS_DIR
+    return sorted(p for p in folder.glob("*") if (p / GRID_FILE).is_file()) if folder.is_dir() else []
+
+
 def predictive_table(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(no predictive variants evaluated yet)"]
     ref_time = {(r["dataset"], r["seed"]): r["eval_time_s"] for r in rows if (r["method"], r["variant"]) == REFERENCE}
-    ref_nll = {(r["dataset"], r["seed"]): r["nll"] for r in rows if (r["method"], r["variant"]) == MC_REFERENCE}
+    # NLL reference: the MC S=10 predictive of the same run (same method label, dataset and seed)
+    ref_nll = {(r["method"], r["dataset"], r["seed"]): r["nll"] for r in rows if r["variant"] == MC_REFERENCE[1]}
     lines = ["| method | predictive | seeds | ACC (%) | ECE (%) | NLL | NLL vs MC S=10 (%) | eval time vs MLE |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rows):
         sel = [r for r in rows if (r["method"], r["variant"]) == (method, variant)]
         keys = [(r["dataset"], r["seed"]) for r in sel]
-        rel_nll = [100 * (r["nll"] / ref_nll[k] - 1) for r, k in zip(sel, keys, strict=True) if k in ref_nll]
+        rel_nll = [100 * (r["nll"] / ref_nll[method, *k] - 1) for r, k in zip(sel, keys, strict=True)
+                   if (method, *k) in ref_nll]
         rel_time = [r["eval_time_s"] / ref_time[k] for r, k in zip(sel, keys, strict=True) if k in ref_time]
         lines.append(f"| {method} | {variant} | {','.join(str(r['seed']) for r in sel)} | "
                      f"{_mean_std([100 * r['acc'] for r in sel], 1)} | {_mean_std([r['ece'] for r in sel], 2)} | "
@@ -192,9 +199,8 @@ def predictive_table(rows: list[dict]) -> list[str]:
 def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[str]:
     """The grid's own cells of ``methods`` next to every ablation's, on ``split``."""
     groups: list[tuple[str, Path, list[dict]]] = [("grid (preset defaults)", grid, read_results(grid))]
-    for folder in sorted((grid / ABLATIONS_DIR).glob("*")) if (grid / ABLATIONS_DIR).is_dir() else []:
-        if (folder / GRID_FILE).is_file():
-            groups.append((folder.name, folder, read_results(folder)))
+    groups += [(folder.name, folder, read_results(folder)) for folder in _ablation_folders(grid)
+               if (folder / "results.jsonl").is_file()]
     lines = ["| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean |A| |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, folder, rows in groups:
@@ -221,6 +227,9 @@ def report(grid: Path, split: str = "test") -> str:
     grid = Path(grid)
     config = load_grid(grid)
     rows = _read_jsonl(grid / VARIANTS_DIR / PREDICTIVE_FILE)
+    for folder in _ablation_folders(grid):  # predictives of ablated runs: the method is labelled with the ablation
+        rows += [{**r, "method": f"{r['method']} ({folder.name.split('-', 1)[1]})"}
+                 for r in _read_jsonl(folder / VARIANTS_DIR / PREDICTIVE_FILE)]
     ablated = sorted({p.name.split("-", 1)[0] for p in (grid / ABLATIONS_DIR).glob("*")}) \
         if (grid / ABLATIONS_DIR).is_dir() else []
     methods = ["mle", *ablated]
