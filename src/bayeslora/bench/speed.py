@@ -308,7 +308,10 @@ def _scoring_lines(result: dict) -> list[str]:
 def write_speed(result: dict, md_path: Path | None, json_path: Path | None, command: str) -> str:
     text = format_markdown(result, command)
     if md_path is not None:
-        atomic_write_text(Path(md_path), "# Speed: what uncertainty costs\n\n" + text)
+        parts = result["config"].get("parts", ["train", "predictive"])
+        title = "Speed: what uncertainty costs" if set(parts) - {"scoring"} else \
+            "Speed: cloze scoring with a shared context vs one pass per row"
+        atomic_write_text(Path(md_path), f"# {title}\n\n" + text)
     if json_path is not None:
         atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
     return text
