@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bayeslora.bench import variants
 from bayeslora.bench.grid import GridError, Preset, make_config, read_results, run_grid
@@ -61,6 +62,14 @@ def test_ablation_changes_the_option_and_reports_next_to_the_grid(grid):
     assert "| blob (init_eps=0.3) | head S=10 | 1 |" in md and "| blob | head S=10 | 1 |" in md
     assert "| grid (preset defaults) | blob | 1 |" in md and "| blob-init_eps=0.3 | blob | 1 |" in md
     assert "| grid (preset defaults) | mle | 1 |" in md
+    assert "### ECE noise floor" in md and "- arith seed 1: 10 questions, ECE " in md
+
+
+def test_ece_noise_floor_shrinks_with_more_questions():
+    probs = torch.softmax(torch.randn(60, 4, generator=torch.Generator().manual_seed(0)), -1)
+    small, _ = variants.ece_noise_floor(probs, draws=300)
+    large, _ = variants.ece_noise_floor(probs.repeat(20, 1), draws=300)
+    assert 5 < small < 30 and large < small / 3  # ~1/sqrt(n)
 
 
 def test_posthoc_ablation_reuses_the_grids_mle_run(grid):

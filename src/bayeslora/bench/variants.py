@@ -223,6 +223,34 @@ def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[s
     return lines
 
 
+def ece_noise_floor(probs: torch.Tensor, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Mean and std of the ECE of a model that is calibrated by construction: labels drawn from its own ``probs``.
+    What ECE shows on a set this small from sampling noise alone."""
+    from ..metrics import ece
+
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([ece(probs, torch.multinomial(probs, 1, generator=g).squeeze(-1)) for _ in range(draws)])
+    return values.mean().item(), values.std().item()
+
+
+def noise_floor_lines(grid: Path, split: str) -> list[str]:
+    from safetensors.torch import load_file
+
+    from .grid import CELLS_DIR
+
+    lines = []
+    for row in read_results(grid):
+        if row["method"] != "mle" or row.get("status") != "ok":
+            continue
+        path = grid / CELLS_DIR / Cell(row["method"], row["dataset"], row["seed"]).key / f"{split}.safetensors"
+        if path.is_file():
+            probs = load_file(path)["probs"].double()
+            mean, std = ece_noise_floor(probs / probs.sum(-1, keepdim=True))
+            lines.append(f"- {row['dataset']} seed {row['seed']}: {len(probs)} questions, ECE {mean:.1f} ± {std:.1f}% "
+                         f"(the run's measured ECE: {row['metrics'][split]['ece']:.1f}%)")
+    return lines
+
+
 def report(grid: Path, split: str = "test") -> str:
     grid = Path(grid)
     config = load_grid(grid)
@@ -242,6 +270,11 @@ def report(grid: Path, split: str = "test") -> str:
              "subset after one warm-up batch, as a ratio to the MLE run's deterministic forward of the same seed "
              "(measured in one process, one after the other).", "",
              *predictive_table(rows), "",
+             "### ECE noise floor", "",
+             f"ECE of the MLE run's own `{split}` predictions with the labels redrawn from those predictions (a model "
+             "calibrated by construction), 2000 draws: what ECE shows on this many questions from sampling noise "
+             "alone.", "",
+             *(noise_floor_lines(grid, split) or ["(no MLE cell)"]), "",
              "### Ablations (re-trained cells with one method option changed)", "",
              "Each row after the first group: `python -m bayeslora.bench.variants ablate " + str(grid)
              + " --method M --option KEY=VALUE` (the row's name). Posterior std of A: the mean over every entry of "
