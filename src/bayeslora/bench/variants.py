@@ -184,7 +184,8 @@ def predictive_table(rows: list[dict]) -> list[str]:
     lines = ["| method | predictive | seeds | ACC (%) | ECE (%) | NLL | NLL vs MC S=10 (%) | eval time vs MLE |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for method, variant in dict.fromkeys((r["method"], r["variant"]) for r in rows):
-        sel = [r for r in rows if (r["method"], r["variant"]) == (method, variant)]
+        sel = sorted((r for r in rows if (r["method"], r["variant"]) == (method, variant)),
+                     key=lambda r: (r["dataset"], r["seed"]))
         keys = [(r["dataset"], r["seed"]) for r in sel]
         rel_nll = [100 * (r["nll"] / ref_nll[method, *k] - 1) for r, k in zip(sel, keys, strict=True)
                    if (method, *k) in ref_nll]
@@ -201,13 +202,14 @@ def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[s
     groups: list[tuple[str, Path, list[dict]]] = [("grid (preset defaults)", grid, read_results(grid))]
     groups += [(folder.name, folder, read_results(folder)) for folder in _ablation_folders(grid)
                if (folder / "results.jsonl").is_file()]
-    lines = ["| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean |A| |",
+    lines = ["| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean abs A |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, folder, rows in groups:
         for method in dict.fromkeys(r["method"] for r in rows):
             if method not in methods:
                 continue
-            sel = [r for r in rows if r["method"] == method and r.get("status") == "ok" and split in r["metrics"]]
+            sel = sorted((r for r in rows if r["method"] == method and r.get("status") == "ok"
+                          and split in r["metrics"]), key=lambda r: (r["dataset"], r["seed"]))
             if not sel:
                 continue
             m = [r["metrics"][split] for r in sel]
@@ -239,7 +241,7 @@ def noise_floor_lines(grid: Path, split: str) -> list[str]:
     from .grid import CELLS_DIR
 
     lines = []
-    for row in read_results(grid):
+    for row in sorted(read_results(grid), key=lambda r: (r["dataset"], r["seed"])):
         if row["method"] != "mle" or row.get("status") != "ok":
             continue
         path = grid / CELLS_DIR / Cell(row["method"], row["dataset"], row["seed"]).key / f"{split}.safetensors"
