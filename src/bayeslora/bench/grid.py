@@ -70,8 +70,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # Sized from the smoke cell on the real model (docs/results/calibration-cpu-small.md, a 2-core machine shared with other
-    # jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s; 432 s in all,
+    # Sized from the smoke cell on the real model (docs/results/calibration-cpu-small.md, a 2-core machine shared
+    # with other jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s; 432 s in all,
     # 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of evaluation), a
     # post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc methods ~ 1 h.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
@@ -81,8 +81,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            seeds=(1,)),
     # Small-data protocol (the regime the project is about: few examples, an adapter that overfits). Probe on the
     # real model (2 idle cores): MLE on the first 32 ARC-E training questions, 40 steps of 4 at lr 1e-3, reaches 97%
-    # training accuracy while validation confidence is 0.62 at 44% accuracy (ECE 23%). ~3 s per step; see
-    # docs/results/methods.md for the measured cost of a whole seed.
+    # training accuracy while validation confidence is 0.62 at 44% accuracy (ECE 23%). ~3 s per step. Measured: one
+    # seed of all nine methods took 48 min (docs/results/calibration-cpu-fewshot.md, cost table).
     Preset("cpu-fewshot", "CPU small-data protocol for SmolLM2-135M on 2 cores: ARC-E, the first 32 training "
            "questions, 40 steps of 4 at lr 1e-3 (5 epochs), fixed 60-question subsets of ARC-E validation and test, "
            "post-hoc fits on 64 questions, 4 posterior samples for sampling methods (Laplace: 50 logit samples; "
