@@ -72,8 +72,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # Sized from the smoke cell on the real model (docs/results/calibration-cpu-small.md, a 2-core machine shared
     # with other jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s;
-    # 432 s in all, 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of evaluation), a
-    # post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc methods ~ 1 h.
+    # 432 s in all, 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of
+    # evaluation), a post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc
+    # methods ~ 1 h.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
            "(OOD), 4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
