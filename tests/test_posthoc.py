@@ -184,11 +184,17 @@ def test_laplace_round_trip(mle_run, tmp_path):
     assert run.info["fit"]["prior_precision"] == mem.method.prior_precision
 
 
-def test_laplace_covariance_matches_dense_computation(mle_run):
-    """Last-layer Laplace: hook-based Jacobians and the low-rank KFAC covariance equal a dense brute force."""
-    method, model, scorer = _fitted_laplace(mle_run, subset="last_layer")
-    assert all(k.endswith(("lm_head.lora_A", "lm_head.lora_B")) for k in method.factors)
+@pytest.mark.parametrize("subset", ["last_layer", "all"])
+def test_laplace_covariance_matches_dense_computation(mle_run, subset):
+    """Hook-based Jacobians (on the shared-prefix layout: the trunk's LoRA sees the context and the choices in two
+    forwards) and the low-rank KFAC covariance equal a dense brute force."""
+    method, model, scorer = _fitted_laplace(mle_run, subset=subset)
+    if subset == "last_layer":
+        assert all(k.endswith(("lm_head.lora_A", "lm_head.lora_B")) for k in method.factors)
+    else:
+        assert any("q_proj" in k for k in method.factors)
     enc = scorer.encode(_questions(3), n_choices=4)
+    assert enc.shared_prefix
     mean, feats, gram = method._jacobian_features(model, scorer, enc)
     params = [f.module.weight for f in method.factors.values()]
     for p in params:
@@ -210,6 +216,28 @@ def test_laplace_covariance_matches_dense_computation(mle_run):
     assert torch.diagonal(cov, dim1=1, dim2=2).min() > 0  # predictive variance > 0
 
 
+def test_laplace_shared_prefix_equals_one_pass(mle_run):
+    """The curvature's output gradients and the predictive's Jacobians do not depend on the forward layout."""
+    method, model, scorer = _fitted_laplace(mle_run)
+    enc = scorer.encode(_questions(3), n_choices=4)
+    shared, one = method._jacobian_features(model, scorer, enc), method._jacobian_features(model, scorer,
+                                                                                         enc.one_pass())
+    torch.testing.assert_close(shared[0], one[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shared[2], one[2], atol=1e-8, rtol=1e-4)
+    for k in shared[1]:
+        torch.testing.assert_close(shared[1][k], one[1][k], atol=1e-6, rtol=1e-4)
+    g = torch.Generator()
+    stats = [method._curvature_stats(model, scorer, _questions(4), 4, g.manual_seed(0)) for _ in range(2)]
+    one_pass = type(scorer).encode
+    scorer.encode = lambda *a, **kw: one_pass(scorer, *a, **kw).one_pass()
+    try:
+        flat = method._curvature_stats(model, scorer, _questions(4), 4, g.manual_seed(0))
+    finally:
+        del scorer.encode
+    for k in flat:  # summed output gradients are equal; input means weight the context once per question
+        torch.testing.assert_close(torch.cat(stats[0][k][1]), torch.cat(flat[k][1]), atol=1e-6, rtol=1e-4)
+
+
 def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
     method, model, scorer = _fitted_laplace(mle_run, prior_precision=1e12, link="probit")
     enc = scorer.encode(_questions(4), n_choices=4)
@@ -221,8 +249,22 @@ def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
 
 
 def test_laplace_val_nll_prior(mle_run):
-    method, _, _ = _fitted_laplace(mle_run, prior="val_nll", subset="last_layer")
+    method, _, _ = _fitted_laplace(mle_run, subset="last_layer")  # the default
+    assert method.config.prior == "val_nll"
     assert method.tune_split == "validation" and 0 < method.prior_precision < float("inf")
+
+
+def test_laplace_marglik_prior_maximizes_the_evidence(mle_run):
+    from bayeslora.methods.laplace import log_evidence
+
+    method, model, scorer = _fitted_laplace(mle_run, prior="marglik", subset="last_layer")
+    assert method.tune_split is None
+    grid = torch.logspace(-6, 8, 281, dtype=torch.float64)
+    ev = log_evidence(method._all_eig(), method._theta_sq_norm(), grid)
+    assert method.prior_precision == pytest.approx(float(grid[int(ev.argmax())]))
+    with pytest.raises(Exception, match="prior=marglik"):
+        build = type(method)
+        build(method.config.__class__()).fit(model, scorer, load_task("arith", "train", limit=8), validation=[])
 
 
 def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):

@@ -9,8 +9,13 @@ Models"): a Laplace approximation over the LoRA parameters around a trained adap
   would take ~10 GB — the reason for a low-rank factor (as in ``MaximeRobeyns/bayesian_lora``) and for not using
   laplace-torch's dense ``kron`` (also: in cloze scoring a question spans several rows, which its backends treat
   as separate data points). Directions outside the kept eigenspace get the prior variance (conservative).
-* Posterior precision ``F + delta I``; the prior precision ``delta`` maximizes the Laplace evidence
-  (``prior="marglik"``) or minimizes the validation NLL of the probit predictive (``"val_nll"``), on a log grid.
+* Both the curvature and the Jacobians run on the scorer's shared-prefix layout (the context once per question,
+  the choices on its KV cache): the hooks see both forwards, and a context position's output gradient there is the
+  sum of its copies' gradients in the one-pass layout, so gradients and Jacobians are exact; only the KFAC input
+  mean counts a context token once per question instead of once per choice. Measured on ARC-E (SmolLM2, CPU):
+  forward+backward 0.39x of the one-pass layout (docs/results/speed_scoring.md).
+* Posterior precision ``F + delta I``; the prior precision ``delta`` minimizes the validation NLL of the probit
+  predictive (``prior="val_nll"``, the default) or maximizes the Laplace evidence (``"marglik"``), on a log grid.
 * Predictive: the linearized (GLM) model, choice logits ``~ N(f(x; theta*), J Sigma J^T)`` with ``J`` the
   Jacobian ``(C, P)`` of the ``C`` choice logits w.r.t. the LoRA parameters (one backward pass per choice), and
   the probit or an MC link (``n_samples`` logit samples; ``0``: probit). Cost: one forward + ``C`` backwards
@@ -65,7 +70,12 @@ class LaplaceError(MethodError):
 class LaplaceConfig(MethodConfig):
     n_samples: int = field(default=50, metadata={"help": "logit samples of the MC link (0: probit)"})
     subset: str = field(default="all", metadata={"help": "all | last_layer (LM-head LoRA only)"})
-    prior: str = field(default="marglik", metadata={"help": "marglik | val_nll: how the prior precision is tuned"})
+    # val_nll by default: on small fit sets the evidence picks a far too weak prior (measured on the cpu-fewshot grid,
+    # docs/FINDINGS.md: precision ~2, ARC-E accuracy 61.7 -> 50.0), because |theta|^2 is dominated by the random
+    # init of the LoRA A matrices, which the data never determine, while only the few data-determined directions
+    # pull the other way (MacKay: delta = gamma / |theta|^2).
+    prior: str = field(default="val_nll", metadata={"help": "val_nll | marglik: how the prior precision is tuned "
+                                                             "(val_nll needs a validation split)"})
     prior_precision: float | None = field(default=None, metadata={"help": "fixed prior precision (skip tuning)"})
     link: str = field(default="mc", metadata={"help": "mc | probit link approximation"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
@@ -149,15 +159,33 @@ class _Factor:
 
 @contextlib.contextmanager
 def _capture(modules: dict[str, torch.nn.Module]):
-    """Record each module's input (detached) and output (in the graph) during the forwards inside the context."""
-    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [m.register_forward_hook(lambda mod, inp, out, k=k: store.__setitem__(k, (inp[0].detach(), out)))
+    """Record each module's ``(input (detached), output (in the graph))`` of every forward inside the context."""
+    store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in modules}
+    handles = [m.register_forward_hook(lambda mod, inp, out, k=k: store[k].append((inp[0].detach(), out)))
                for k, m in modules.items()]
     try:
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+def _passes(enc) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(mask (rows, T), question of each row (rows,))`` of each forward the scorer runs on ``enc``, in order."""
+    if enc.shared_prefix:
+        prefix_rows = torch.arange(enc.n_questions, device=enc.prefix_ids.device)
+        return [(enc.prefix_mask, prefix_rows), (enc.cont_mask, enc.row_question)]
+    return [(enc.attention_mask, enc.row_question)]
+
+
+def _calls(io: dict[str, list], enc) -> list[tuple[str, int]]:
+    """``(module key, forward index)`` of every recorded call; checks each module ran once per forward pass."""
+    n = len(_passes(enc))
+    bad = {k: len(v) for k, v in io.items() if len(v) != n}
+    if bad:
+        raise LaplaceError(f"Expected every covered LoRA layer to run {n} time(s) per batch, got {bad}: the scorer's "
+                           "forward layout is not supported")
+    return [(k, i) for k in io for i in range(n)]
 
 
 @contextlib.contextmanager
@@ -175,13 +203,18 @@ def _grad_only(model, params: list[torch.nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def _per_question(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, n_q: int):
-    """KFAC-reduce statistics: mean input ``(B, d_in)`` over valid positions, summed output grad ``(B, d_out)``."""
-    m = mask[:, -x.shape[1]:].to(x.dtype)[..., None]  # (R, T', 1): the positions this layer saw
-    kw = dict(dtype=torch.float64, device=x.device)
-    xs = torch.zeros(n_q, x.shape[-1], **kw).index_add_(0, rows, (x * m).sum(1).double())
-    cnt = torch.zeros(n_q, **kw).index_add_(0, rows, m.sum((1, 2)).double())
-    gs = torch.zeros(n_q, g.shape[-1], **kw).index_add_(0, rows, g.sum(1).double())
+def _per_question(calls: list[tuple[torch.Tensor, torch.Tensor]], passes, n_q: int):
+    """KFAC-reduce statistics over one module's forwards ``calls`` = ``[(input x (rows, T', d_in), output grad
+    (rows, T', d_out))]``: per question the mean input ``(B, d_in)`` over its valid positions and the summed output
+    gradient ``(B, d_out)``."""
+    d_in, d_out = calls[0][0].shape[-1], calls[0][1].shape[-1]
+    kw = dict(dtype=torch.float64, device=calls[0][0].device)
+    xs, cnt, gs = torch.zeros(n_q, d_in, **kw), torch.zeros(n_q, **kw), torch.zeros(n_q, d_out, **kw)
+    for (x, g), (mask, rows) in zip(calls, passes, strict=True):
+        m = mask[:, -x.shape[1]:].to(x.dtype)[..., None]  # (rows, T', 1): the positions this layer saw
+        xs.index_add_(0, rows, (x * m).sum(1).double())
+        cnt.index_add_(0, rows, m.sum((1, 2)).double())
+        gs.index_add_(0, rows, g.sum(1).double())
     return (xs / cnt.clamp_min(1.0)[:, None]).float(), gs.float()
 
 
@@ -254,7 +287,6 @@ class Laplace(PosthocMethod):
         params = [m.weight for m in modules.values()]
         for chunk in batches(examples, batch_size):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
-            enc = enc.one_pass()  # the hooks below need every row in one forward
             with _grad_only(model, params), _capture(modules) as io:
                 logits = scorer.choice_logits(model, enc)
                 if not torch.isfinite(logits.masked_fill(~enc.choice_mask, 0.0)).all():
@@ -265,12 +297,15 @@ class Laplace(PosthocMethod):
                     y = torch.multinomial(torch.softmax(logits.detach().float().cpu(), -1), 1, generator=generator)
                     y = y[:, 0].to(logits.device)
                 loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                keys = list(io)
-                grads = torch.autograd.grad(loss, [io[k][1] for k in keys], allow_unused=True)
-            for k, g in zip(keys, grads):
-                x = io[k][0]
-                g = torch.zeros(*x.shape[:-1], modules[k].out_features) if g is None else g
-                xb, gb = _per_question(x, g.detach(), enc.attention_mask, enc.row_question, enc.n_questions)
+                calls = _calls(io, enc)
+                grads = torch.autograd.grad(loss, [io[k][i][1] for k, i in calls], allow_unused=True)
+            grad_of = dict(zip(calls, grads))
+            for k in io:
+                per_call = []
+                for i, (x, out) in enumerate(io[k]):
+                    g = grad_of[k, i]
+                    per_call.append((x, torch.zeros_like(out) if g is None else g.detach()))
+                xb, gb = _per_question(per_call, _passes(enc), enc.n_questions)
                 stats[k][0].append(xb.cpu())
                 stats[k][1].append(gb.cpu())
         return stats
@@ -328,7 +363,8 @@ class Laplace(PosthocMethod):
             self.prior_precision, result["log_evidence"] = self._tune_marglik()
         else:
             if not validation:
-                raise LaplaceError("prior=val_nll needs validation examples (the split is empty)")
+                raise LaplaceError("prior=val_nll (the default) needs validation examples and the split is empty: "
+                                   "use a dataset with a validation split, or --option prior=marglik")
             val = subsample(validation, cfg.n_val, generator)
             self.prior_precision, result["val_nll"] = self._tune_val_nll(model, scorer, val, batch_size)
         if not math.isfinite(self.prior_precision) or self.prior_precision <= 0:
@@ -347,17 +383,19 @@ class Laplace(PosthocMethod):
         params = [m.weight for m in modules.values()]
         B, C = enc.choice_mask.shape
         feats, gram = {}, torch.zeros(B, C, C, dtype=torch.float64)
-        enc = enc.one_pass()  # the hooks below need every row in one forward
         with _grad_only(model, params), _capture(modules) as io:
             logits = scorer.choice_logits(model, enc)
-            keys = list(io)
-            grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][1] for k in keys])
-        for k, g in zip(keys, grads):
-            x, f = io[k][0], self.factors[k]
-            if g is None:
-                g = torch.zeros(C, *x.shape[:-1], modules[k].out_features, device=x.device, dtype=x.dtype)
-            J = torch.zeros(C, B, g.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
-            J = J.index_add_(1, enc.row_question, torch.einsum("crto,rti->croi", g, x)).float().cpu()  # (C, B, o, i)
+            calls = _calls(io, enc)
+            grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls])
+        grad_of = dict(zip(calls, grads))
+        for k in io:
+            f, m = self.factors[k], modules[k]
+            J = torch.zeros(C, B, m.out_features, m.in_features, device=logits.device, dtype=torch.float32)
+            for i, ((x, _), (_, rows)) in enumerate(zip(io[k], _passes(enc), strict=True)):
+                g = grad_of[k, i]
+                if g is not None:  # (C, rows, T', o) x (rows, T', i), summed over positions into each question
+                    J.index_add_(1, rows, torch.einsum("crto,rti->croi", g, x).float())
+            J = J.cpu()  # (C, B, o, i)
             feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
             Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
             gram += Jf @ Jf.transpose(1, 2)
