@@ -173,6 +173,25 @@ def test_training_step_kl_and_gradients():
     assert torch.isfinite(method.kl())  # without a cached sample: the estimate at u0 = mu
 
 
+def test_scale_lr_puts_lambda_and_sigma_in_their_own_group():
+    method, model, tokenizer = _prepared({"scale_lr": 0.05})
+    default, scales = method.param_groups(model)
+    n_scales = sum(1 for layer in method._layers for _ in (layer.lamda_rho, layer.inducing_rho))
+    assert scales["lr"] == 0.05 and scales["weight_decay"] == 0.0 and len(scales["params"]) == n_scales
+    assert "lr" not in default and not {id(p) for p in scales["params"]} & {id(p) for p in default["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in (default, scales) for p in g["params"]} == trainable
+    # lambda grows from its 1e-3 init only at the scale learning rate
+    scorer, enc = _batch(tokenizer)
+    optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-4)
+    model.train()
+    for _ in range(3):
+        (method.nll(model, scorer, enc, torch.Generator().manual_seed(0)) + method.kl_scale(100) * method.kl()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert min(float(layer.lamda()) for layer in method._layers) > 1.1e-3
+
+
 def test_predict_samples_one_weight_per_question():
     method, model, tokenizer = _prepared({"init_lamda": 0.03, "init_sd_u": 0.1, "sample_chunk": 2})
     scorer, enc = _batch(tokenizer, n=2)
@@ -233,6 +252,7 @@ def test_train_and_load_run_through_run_dir(tmp_path):
     ({"init_sd_u": 0.5}, "init_sd_u"),
     ({"targets": []}, "targets"),
     ({"flow_hidden": -2}, "flow_hidden"),
+    ({"scale_lr": 0.0}, "scale_lr"),
 ])
 def test_config_errors_name_the_option(options, match):
     with pytest.raises(MethodError, match=match):

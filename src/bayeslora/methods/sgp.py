@@ -62,6 +62,11 @@ class SGPConfig(MethodConfig):
     flow_hidden: int = field(default=16, metadata={"help": "hidden units of the MAF over U's rows (0: no flow)"})
     kl_weight: float = field(default=0.8, metadata={"help": "KL weight times 1/N (reference: 0.1/n_batches)"})
     sample_chunk: int = field(default=8, metadata={"help": "test-time samples per batched forward (memory bound)"})
+    scale_lr: float | None = field(default=None, metadata={"help": "learning rate of the posterior scales (lambda "
+                                                                    "and the inducing sd; default: the run's --lr). "
+                                                                    "Adam moves their softplus parameters by ~lr per "
+                                                                    "step, so from 1e-3 a short schedule leaves the "
+                                                                    "posterior a point mass"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +86,8 @@ class SGPConfig(MethodConfig):
                 raise MethodError(f"Expected `{name}` to be a positive number, but got {value!r}")
         if self.init_lamda > self.max_lamda or self.init_sd_u > self.max_sd_u:
             raise MethodError("Expected `init_lamda` <= `max_lamda` and `init_sd_u` <= `max_sd_u`")
+        if self.scale_lr is not None and not (isinstance(self.scale_lr, (int, float)) and 0 < self.scale_lr < math.inf):
+            raise MethodError(f"Expected `scale_lr` to be a positive number (or unset), but got {self.scale_lr!r}")
         if not isinstance(self.kl_weight, (int, float)) or not 0 <= self.kl_weight < math.inf:
             raise MethodError(f"Expected `kl_weight` to be a non-negative number, but got {self.kl_weight!r}")
 
@@ -231,6 +238,17 @@ class SGP(BayesianMethod):
                             *replace_lora_B(model, factory, include=include)]
         except ValueError as exc:
             raise MethodError(f"sgp found no LoRA layer among its `targets` {self.config.targets}: {exc}") from None
+
+    def param_groups(self, model) -> list[dict]:
+        groups = super().param_groups(model)
+        if self.config.scale_lr is None:
+            return groups
+        scales = {id(p) for layer in self._layers for p in (layer.lamda_rho, layer.inducing_rho)
+                  if isinstance(p, nn.Parameter) and p.requires_grad}
+        rest = [p for p in groups[0]["params"] if id(p) not in scales]
+        return [{**groups[0], "params": rest},
+                {"params": [p for p in groups[0]["params"] if id(p) in scales], "weight_decay": 0.0,
+                 "lr": self.config.scale_lr}]
 
     def kl(self) -> torch.Tensor:
         if not self._layers:
