@@ -186,7 +186,8 @@ def test_scale_lr_puts_lambda_and_sigma_in_their_own_group():
     optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-4)
     model.train()
     for _ in range(3):
-        (method.nll(model, scorer, enc, torch.Generator().manual_seed(0)) + method.kl_scale(100) * method.kl()).backward()
+        loss = method.nll(model, scorer, enc, torch.Generator().manual_seed(0)) + method.kl_scale(100) * method.kl()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     assert min(float(layer.lamda()) for layer in method._layers) > 1.1e-3

@@ -299,7 +299,7 @@ class Laplace(PosthocMethod):
                 loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
                 calls = _calls(io, enc)
                 grads = torch.autograd.grad(loss, [io[k][i][1] for k, i in calls], allow_unused=True)
-            grad_of = dict(zip(calls, grads))
+            grad_of = dict(zip(calls, grads, strict=True))
             for k in io:
                 per_call = []
                 for i, (x, out) in enumerate(io[k]):
@@ -387,7 +387,7 @@ class Laplace(PosthocMethod):
             logits = scorer.choice_logits(model, enc)
             calls = _calls(io, enc)
             grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls])
-        grad_of = dict(zip(calls, grads))
+        grad_of = dict(zip(calls, grads, strict=True))
         for k in io:
             f, m = self.factors[k], modules[k]
             J = torch.zeros(C, B, m.out_features, m.in_features, device=logits.device, dtype=torch.float32)
