@@ -160,6 +160,17 @@ def test_negative_samples_on_the_cli(tmp_path, capsys):
     assert "n_samples" in capsys.readouterr().err
 
 
+def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
+    # after one step at the paper's init, BLoB's sigma is ~0.002: the samples are practically one model
+    run_dir = _tiny_run(tmp_path, "blob", steps=1)
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[0])["mean_epistemic"] < 1e-3 and "nearly a point mass" in err
+    assert "rho_lr" in err
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "0"]) == 0  # no samples, no note
+    assert "point mass" not in capsys.readouterr().err
+
+
 def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):
     method, model, _ = _prepared("blob", {"rho_lr": 0.05})
     groups = method.param_groups(model)

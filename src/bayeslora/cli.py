@@ -114,7 +114,7 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_examples, write_evaluation
+    from .evaluate import collapse_note, evaluate_examples, write_evaluation
     from .runs import load_run, read_run_info
     from .tasks import load_task
 
@@ -130,8 +130,12 @@ def _cmd_eval(args) -> int:
     name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
     write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")
-    print(json.dumps({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification")}))
+    print(json.dumps({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification",
+                                             "mean_epistemic")}))
     print(f"wrote {out}/metrics.json, predictions.jsonl, reliability.png")
+    note = collapse_note(result)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -46,6 +46,21 @@ def evaluate_examples(run, examples: list[MCExample], n_samples: int | None = No
     return result, pred
 
 
+#: below this mean mutual information (nats) a sampled predictive is, for practical purposes, one model
+COLLAPSED_EPISTEMIC = 1e-3
+
+
+def collapse_note(result: dict) -> str | None:
+    """A warning when a sampled predictive has (almost) no epistemic uncertainty: its posterior is a point mass and
+    the method behaves like MLE (docs/FINDINGS.md: short schedules leave the posterior scales at their init)."""
+    if not result.get("n_samples") or result.get("mean_epistemic", 1.0) >= COLLAPSED_EPISTEMIC:
+        return None
+    return (f"note: mean epistemic uncertainty is {result['mean_epistemic']:.1e} nats over {result['n_samples']} "
+            "samples: the posterior is nearly a point mass, so these predictions are those of one model. A longer "
+            "schedule or a larger learning rate for the posterior scales helps (blob: --option rho_lr=..., sgp: "
+            "--option scale_lr=...); see docs/FINDINGS.md")
+
+
 def prediction_rows(examples: list[MCExample], pred: Predictive) -> list[dict]:
     rows = []
     for i, ex in enumerate(examples):
