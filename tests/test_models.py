@@ -40,6 +40,9 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize("spec,match", [
     ("no-such-model", "Unknown model spec"),
     ("/nonexistent/file.gguf", "existing .gguf"),
+    ("random:gpt-17", "Unknown random architecture"),
+    ("random:llama2-7b@0", "layer count"),
+    ("random:llama2-7b@x", "layer count"),
 ])
 def test_bad_specs(spec, match):
     with pytest.raises(ModelLoadError, match=match):
@@ -49,3 +52,23 @@ def test_bad_specs(spec, match):
 def test_directory_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_random_architecture_shapes():
+    """``random:`` specs have the real model's shapes: Llama-2-7B's 6.74B parameters (counted on the meta device)."""
+    from transformers import LlamaForCausalLM
+
+    config, tokenizer = models.random_config("random:llama2-7b")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert n == 6_738_415_616
+    assert max(tokenizer.get_vocab().values()) < config.vocab_size
+
+
+def test_random_model_loads_with_fewer_layers():
+    loaded = load_model("random:smollm2-135m@1")
+    assert loaded.model.config.num_hidden_layers == 1 and loaded.model.config.hidden_size == 576
+    assert loaded.model.dtype == torch.float32 and loaded.tokenizer.padding_side == "left"
+    ids = loaded.tokenizer(["2 + 2 ="], return_tensors="pt")
+    with torch.no_grad():
+        assert loaded.model(**ids).logits.shape[-1] == 49152

@@ -12,6 +12,11 @@ Model specs accepted by :func:`load_model`:
 * a Hugging Face hub id such as ``HuggingFaceTB/SmolLM2-135M-Instruct`` (needs network or a warm HF cache),
 * ``tiny-random-llama``: **test-only**, a 2-layer Llama with random weights built from a config and a
   byte-level tokenizer built in code. It loads in milliseconds and predicts nothing useful.
+* ``random:NAME`` or ``random:NAME@LAYERS``: **for speed benchmarks only**, the architecture of a real model
+  (``llama2-7b``, ``smollm2-135m``; see :data:`RANDOM_ARCHITECTURES`) with random weights, built directly on the
+  target device and dtype (bfloat16 on CUDA), optionally with fewer layers. Its tokenizer is the byte-level one
+  of the tiny model, so a text takes ~4x more tokens than with the real model's tokenizer: compare methods on the
+  same spec, never absolute times across specs.
 
 Every tokenizer is returned with left padding and a pad token, so the last position of a batch row is the last
 real token.
@@ -179,6 +184,51 @@ def build_tiny_llama(seed: int = 0, vocab_size: int | None = None):
     return model, tokenizer
 
 
+RANDOM_PREFIX = "random:"
+#: shapes of real models (their Hugging Face configs) for ``random:`` specs; weights are random
+RANDOM_ARCHITECTURES: dict[str, dict] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+
+
+def random_config(spec: str):
+    """The ``LlamaConfig`` of a ``random:NAME[@LAYERS]`` spec (see the module docstring)."""
+    from transformers import LlamaConfig
+
+    name, _, layers = spec[len(RANDOM_PREFIX):].partition("@")
+    if name not in RANDOM_ARCHITECTURES:
+        raise ModelLoadError(f"Unknown random architecture {name!r} in {spec!r}: expected one of "
+                             f"{sorted(RANDOM_ARCHITECTURES)}")
+    arch = dict(RANDOM_ARCHITECTURES[name])
+    if layers:
+        if not layers.isdigit() or not 1 <= int(layers) <= arch["num_hidden_layers"]:
+            raise ModelLoadError(f"Expected a layer count in 1..{arch['num_hidden_layers']} after '@' in {spec!r}")
+        arch["num_hidden_layers"] = int(layers)
+    tokenizer = build_byte_tokenizer()
+    return LlamaConfig(**arch, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id), tokenizer
+
+
+def build_random_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A ``random:`` spec's model, initialized directly on ``device`` in ``dtype`` (no float32 copy on the host)."""
+    from transformers import LlamaForCausalLM
+
+    config, tokenizer = random_config(spec)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
 def resolve_spec(spec: str | None) -> str:
     return DEFAULT_MODEL if spec in (None, "", "default") else str(spec)
 
@@ -191,6 +241,8 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
     dtype = dtype or default_dtype(device)
     if spec == TINY_MODEL:
         model, tokenizer = build_tiny_llama()
+    elif spec.startswith(RANDOM_PREFIX):
+        model, tokenizer = build_random_model(spec, device, dtype)
     elif spec == DEFAULT_MODEL:
         model, tokenizer = _load_gguf(smollm2_gguf_path(), dtype)
     elif spec.endswith(".gguf"):
@@ -209,8 +261,8 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
             raise ModelLoadError(f"Could not load hub model {spec!r} (offline, or not a causal LM?): {exc}") from exc
     else:
         raise ModelLoadError(
-            f"Unknown model spec {spec!r}: expected {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a .gguf file, "
-            "a Hugging Face model directory or a hub id like 'org/name'"
+            f"Unknown model spec {spec!r}: expected {DEFAULT_MODEL!r}, {TINY_MODEL!r}, 'random:NAME[@LAYERS]', "
+            "a .gguf file, a Hugging Face model directory or a hub id like 'org/name'"
         )
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model=model, tokenizer=_prepare_tokenizer(tokenizer), spec=spec)
