@@ -70,16 +70,18 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # Sized from the smoke cell on the real model (docs/results/calibration-cpu-small.md, a 2-core machine shared
-    # with other jobs): MLE on OBQA, 20 steps of 8 questions = 355 s of training; 160 evaluated questions = 70 s;
-    # 432 s in all, 3.7 GB peak RSS. Estimate (not measured): a trained cell 6-9 min (S = 4 multiplies the 70 s of
-    # evaluation), a post-hoc cell 2-4 min (fit + evaluation on the shared MLE run): MLE + 5 trained + 3 post-hoc
-    # methods ~ 1 h.
+    # Sized from measured cells on the real model (2 cores): MLE 373 s (20 steps of 8 + 4 x 40 evaluated questions),
+    # BLoB 428 s (S = 4 evaluation). With its default search (up to 500 anchors x 10 samples x 10 evaluations) TFB
+    # alone would take ~40 min, hence the cheap search below (as in cpu-fewshot). Wall time of the whole preset:
+    # docs/results/calibration-cpu-small.md.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
-           "(OOD), 4 posterior samples for sampling methods", max_steps=20, batch_size=8, lr=3e-4, warmup_ratio=0.1,
-           max_length=256, train_limit=None, eval_limit=40, fit_limit=200, n_samples=4, datasets=("obqa",),
-           seeds=(1,)),
+           "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 "
+           "samples, 6 bisection steps), post-hoc fits on 200 questions", max_steps=20, batch_size=8, lr=3e-4,
+           warmup_ratio=0.1, max_length=256, train_limit=None, eval_limit=40, fit_limit=200, n_samples=4,
+           datasets=("obqa",), seeds=(1,),
+           method_options={"laplace": {"n_samples": 50},
+                           "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
     # Small-data protocol (the regime the project is about: few examples, an adapter that overfits). Probe on the
     # real model (2 idle cores): MLE on the first 32 ARC-E training questions, 40 steps of 4 at lr 1e-3, reaches 97%
     # training accuracy while validation confidence is 0.62 at 44% accuracy (ECE 23%). ~3 s per step. Measured: one
