@@ -223,7 +223,7 @@ def build_random_model(spec: str, device: torch.device, dtype: torch.dtype, seed
     try:
         torch.manual_seed(seed)
         with torch.device(device):
-            model = LlamaForCausalLM._from_config(config, torch_dtype=dtype)
+            model = LlamaForCausalLM._from_config(config, dtype=dtype)
     finally:
         torch.random.set_rng_state(generator_state)
     return model, tokenizer
