@@ -75,7 +75,9 @@ class LaplaceConfig(MethodConfig):
     # init of the LoRA A matrices, which the data never determine, while only the few data-determined directions
     # pull the other way (MacKay: delta = gamma / |theta|^2).
     prior: str = field(default="val_nll", metadata={"help": "val_nll | marglik: how the prior precision is tuned "
-                                                             "(val_nll needs a validation split)"})
+                                                             "(val_nll uses the dataset's validation split; a user "
+                                                             "file is one split, so there it tunes on the fit data "
+                                                             "itself: prefer marglik)"})
     prior_precision: float | None = field(default=None, metadata={"help": "fixed prior precision (skip tuning)"})
     link: str = field(default="mc", metadata={"help": "mc | probit link approximation"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
