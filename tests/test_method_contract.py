@@ -35,8 +35,9 @@ def _setup(name: str, examples, seed: int = 0):
 
 def _step(method, model, scorer, examples) -> None:
     """One optimizer step (a post-hoc fit for post-hoc methods), so that the adapter is not at its init."""
-    if method.posthoc:
-        method.fit(model, scorer, examples[:4], batch_size=4, generator=torch.Generator().manual_seed(0))
+    if method.posthoc:  # as bayesianize does: the tuning split (e.g. Laplace's val_nll prior) only where used
+        extra = {"validation": load_task("arith", method.tune_split, limit=4)} if method.tune_split else {}
+        method.fit(model, scorer, examples[:4], batch_size=4, generator=torch.Generator().manual_seed(0), **extra)
         return
     model.train()
     optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-2)

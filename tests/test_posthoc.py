@@ -122,7 +122,8 @@ def _fit_in_memory(method_name, options, source, tmp_path, split="train", n=12):
     scorer = make_scorer(src.format, loaded.tokenizer)
     method = build_method(method_name, options)
     generator = torch.Generator().manual_seed(0)  # bayesianize's default seed
-    method.fit(model, scorer, load_task("arith", split, limit=n), batch_size=8, generator=generator)
+    extra = {"validation": load_task("arith", method.tune_split, limit=n)} if method.tune_split else {}
+    method.fit(model, scorer, load_task("arith", split, limit=n), batch_size=8, generator=generator, **extra)
     mem = Run(model=model, tokenizer=loaded.tokenizer, method=method, scorer=scorer)
     out = bayesianize(source, method_name, tmp_path / method_name, split=split, options=options, limit=n)
     return mem, load_run(out)

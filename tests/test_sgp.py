@@ -190,7 +190,7 @@ def test_scale_lr_puts_lambda_and_sigma_in_their_own_group():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert min(float(layer.lamda()) for layer in method._layers) > 1.1e-3
+    assert min(layer.lamda().item() for layer in method._layers) > 1.1e-3
 
 
 def test_predict_samples_one_weight_per_question():
