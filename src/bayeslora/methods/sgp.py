@@ -86,7 +86,8 @@ class SGPConfig(MethodConfig):
                 raise MethodError(f"Expected `{name}` to be a positive number, but got {value!r}")
         if self.init_lamda > self.max_lamda or self.init_sd_u > self.max_sd_u:
             raise MethodError("Expected `init_lamda` <= `max_lamda` and `init_sd_u` <= `max_sd_u`")
-        if self.scale_lr is not None and not (isinstance(self.scale_lr, (int, float)) and 0 < self.scale_lr < math.inf):
+        if self.scale_lr is not None and not (isinstance(self.scale_lr, (int, float))
+                                              and 0 < self.scale_lr < math.inf):
             raise MethodError(f"Expected `scale_lr` to be a positive number (or unset), but got {self.scale_lr!r}")
         if not isinstance(self.kl_weight, (int, float)) or not 0 <= self.kl_weight < math.inf:
             raise MethodError(f"Expected `kl_weight` to be a non-negative number, but got {self.kl_weight!r}")
