@@ -130,6 +130,21 @@ def test_lost_cell_record_reuses_the_finished_run(grid):
     assert by_method(read_results(out))["mle"]["status"] == "ok"
 
 
+def test_a_second_run_with_other_methods_keeps_both_commands_and_the_row_order(grid):
+    from bayeslora.bench.grid import grid_commands
+
+    out = grid["out"]
+    again = make_config(str(out), TINY, methods=["bench-posthoc"], model="tiny-random-llama", ood_train="arith",
+                        ood_tasks=["arith-ood"], command="test --methods bench-posthoc",
+                        ood_files=grid["config"].ood_files)
+    run_grid(again, log=lambda m: None)
+    assert grid_commands(out)[-2:] == ["test", "test --methods bench-posthoc"]
+    run_grid(again, log=lambda m: None)  # the same command again is not repeated
+    assert grid_commands(out).count("test --methods bench-posthoc") == 1
+    methods = [r["method"] for r in read_results(out)]
+    assert methods.index("mle") < methods.index("bench-crash") < methods.index("bench-posthoc")
+
+
 def test_other_protocol_in_same_folder_is_refused(grid):
     other = make_config(str(grid["out"]), TINY, methods=["mle"], model="tiny-random-llama", ood_train="obqa")
     with pytest.raises(GridError, match="another preset or model"):
@@ -206,6 +221,6 @@ def test_hand_over_files_of_a_killed_cell_are_not_rows(grid):
     try:
         rows = grid_mod.collect_rows(grid["out"])
         assert rows and all("status" in r for r in rows)
-        grid_mod.write_results(grid["out"], grid["config"])
+        grid_mod.write_results(grid["out"])
     finally:
         leftover.unlink()

@@ -227,7 +227,7 @@ def run_grid(config: GridConfig, log: Callable[[str], None] = print, subprocesse
         log(f"[{i}/{len(todo)}] {cell.key}: running")
         row = run_cell_subprocess(config, cell) if subprocesses else run_cell_isolated(config, cell)
         write_cell(out, cell, row)
-        write_results(out, config)
+        write_results(out)
         status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
         log(f"[{i}/{len(todo)}] {cell.key}: {status} in {row['wall_time_s']:.1f} s")
     return collect_rows(out, config)
@@ -243,8 +243,11 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
         if saved.get("protocol") != config.protocol():
             raise GridError(f"{out} holds a grid with another preset or model ({saved.get('protocol', {})}); "
                             f"choose another --out")
-    record = {"protocol": config.protocol(), "config": asdict(config), "python": sys.version.split()[0],
-              "torch": torch.__version__}
+    commands = _recorded_commands(out)
+    if config.command and (not commands or commands[-1] != config.command):
+        commands.append(config.command)  # a grid filled by several runs (seeds, methods) keeps all their commands
+    record = {"protocol": config.protocol(), "config": asdict(config), "commands": commands,
+              "python": sys.version.split()[0], "torch": torch.__version__}
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
@@ -258,12 +261,25 @@ def git_commit() -> str:
         return "unknown"
 
 
-def grid_command(out: Path) -> str:
-    """The command line recorded in ``OUT/grid.json`` (empty when unknown)."""
+def _recorded_commands(out: Path) -> list[str]:
+    """Every command line recorded in ``OUT/grid.json``, oldest first (folders written before the history was kept
+    have only their last one)."""
     try:
-        return json.loads((Path(out) / GRID_FILE).read_text())["config"].get("command", "")
+        saved = json.loads((Path(out) / GRID_FILE).read_text())
+        commands = saved.get("commands") or [saved["config"].get("command", "")]
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
-        return ""
+        return []
+    return [c for c in commands if isinstance(c, str) and c]
+
+
+def grid_commands(out: Path) -> list[str]:
+    """The command lines that filled the grid in ``OUT``, oldest first (empty when unknown)."""
+    return _recorded_commands(out)
+
+
+def grid_command(out: Path) -> str:
+    """Those command lines, one per line (empty when unknown)."""
+    return "\n".join(grid_commands(out))
 
 
 def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
@@ -495,12 +511,14 @@ def collect_rows(out: Path, config: GridConfig | None = None) -> list[dict]:
     return rows
 
 
-def write_results(out: Path, config: GridConfig | None = None) -> Path:
+def write_results(out: Path) -> Path:
     """``results.jsonl`` from the cell records (all of the folder's cells, so earlier grids' cells stay)."""
     rows = collect_rows(out)
-    order = {c.key: i for i, c in enumerate(cells(config))} if config else {}
-    rows.sort(key=lambda r: (order.get(Cell(r["method"], r["dataset"], r["seed"]).key, len(order)),
-                             r["method"], r["dataset"], r["seed"]))
+    from ..methods import METHODS
+
+    known = _ordered([r["method"] for r in rows if r["method"] in METHODS])
+    rank = {m: i for i, m in enumerate(known)}  # MLE, trained, post-hoc: whichever run wrote the cells
+    rows.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["dataset"], r["seed"]))
     path = Path(out) / RESULTS_FILE
     atomic_write_text(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..io_utils import atomic_write_text
 from .environment import cpu_model
-from .grid import GRID_FILE, git_commit, grid_command, read_results
+from .grid import GRID_FILE, git_commit, grid_commands, read_results
 from .report import tables_markdown
 
 RESULTS_DIR = "results"
@@ -82,13 +82,15 @@ def calibration_fragment(grid_dir: Path) -> str:
     commits = ", ".join(dict.fromkeys(r["commit"] for r in rows if r.get("commit")))
     commits = f"bayeslora commit(s) of the cells {commits}" if commits else \
         f"bayeslora commit {git_commit()} (when this report was generated)"
+    commands = grid_commands(grid_dir)
     cells = "; ".join(f"{k}s: {', '.join(dict.fromkeys(str(r[k]) for r in rows))}"
                       for k in ("method", "dataset", "seed"))
     lines = [
         f"## Calibration benchmark, preset `{preset['name']}` (`bayeslora bench calibration`)",
         "",
-        f"Command: `{grid_command(grid_dir) or '(not recorded)'}`, then `bayeslora bench results --grid "
-        f"{grid_dir}`.",
+        f"Command{'s' if len(commands) > 1 else ''}: "
+        + "".join(f"`{c}`, then " for c in commands or ["(not recorded)"])
+        + f"`bayeslora bench results --grid {grid_dir}`.",
         "",
         f"Protocol: preset `{preset['name']}`: {preset['description']}. Model `{cfg['model']}`. Cells: {cells}.",
         "",
