@@ -24,6 +24,7 @@ real token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import os
@@ -175,13 +176,20 @@ def build_tiny_llama(seed: int = 0, vocab_size: int | None = None):
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
+    with _seeded(seed):
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Model init uses the global RNG: seed it for the block, then restore it so callers are unaffected."""
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)  # model init uses the global RNG; restore it so callers are unaffected
-        model = LlamaForCausalLM(config)
+        torch.manual_seed(seed)
+        yield
     finally:
         torch.random.set_rng_state(generator_state)
-    return model, tokenizer
 
 
 RANDOM_PREFIX = "random:"
@@ -219,13 +227,8 @@ def build_random_model(spec: str, device: torch.device, dtype: torch.dtype, seed
     from transformers import LlamaForCausalLM
 
     config, tokenizer = random_config(spec)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = LlamaForCausalLM._from_config(config, dtype=dtype)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with _seeded(seed), torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model, tokenizer
 
 

@@ -243,7 +243,7 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
         if saved.get("protocol") != config.protocol():
             raise GridError(f"{out} holds a grid with another preset or model ({saved.get('protocol', {})}); "
                             f"choose another --out")
-    commands = _recorded_commands(out)
+    commands = grid_commands(out)
     if config.command and (not commands or commands[-1] != config.command):
         commands.append(config.command)  # a grid filled by several runs (seeds, methods) keeps all their commands
     record = {"protocol": config.protocol(), "config": asdict(config), "commands": commands,
@@ -261,20 +261,15 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _recorded_commands(out: Path) -> list[str]:
-    """Every command line recorded in ``OUT/grid.json``, oldest first (folders written before the history was kept
-    have only their last one)."""
+def grid_commands(out: Path) -> list[str]:
+    """The command lines that filled the grid in ``OUT``, oldest first (empty when unknown; folders written before
+    the history was kept have only their last one)."""
     try:
         saved = json.loads((Path(out) / GRID_FILE).read_text())
         commands = saved.get("commands") or [saved["config"].get("command", "")]
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return []
     return [c for c in commands if isinstance(c, str) and c]
-
-
-def grid_commands(out: Path) -> list[str]:
-    """The command lines that filled the grid in ``OUT``, oldest first (empty when unknown)."""
-    return _recorded_commands(out)
 
 
 def grid_command(out: Path) -> str:
