@@ -217,7 +217,7 @@ def test_laplace_covariance_matches_dense_computation(mle_run, subset):
     assert torch.diagonal(cov, dim1=1, dim2=2).min() > 0  # predictive variance > 0
 
 
-def test_laplace_shared_prefix_equals_one_pass(mle_run):
+def test_laplace_shared_prefix_equals_one_pass(mle_run, monkeypatch):
     """The curvature's output gradients and the predictive's Jacobians do not depend on the forward layout."""
     method, model, scorer = _fitted_laplace(mle_run)
     enc = scorer.encode(_questions(3), n_choices=4)
@@ -227,16 +227,12 @@ def test_laplace_shared_prefix_equals_one_pass(mle_run):
     torch.testing.assert_close(shared[2], one[2], atol=1e-8, rtol=1e-4)
     for k in shared[1]:
         torch.testing.assert_close(shared[1][k], one[1][k], atol=1e-6, rtol=1e-4)
-    g = torch.Generator()
-    stats = [method._curvature_stats(model, scorer, _questions(4), 4, g.manual_seed(0)) for _ in range(2)]
-    one_pass = type(scorer).encode
-    scorer.encode = lambda *a, **kw: one_pass(scorer, *a, **kw).one_pass()
-    try:
-        flat = method._curvature_stats(model, scorer, _questions(4), 4, g.manual_seed(0))
-    finally:
-        del scorer.encode
+    stats = method._curvature_stats(model, scorer, _questions(4), 4, torch.Generator().manual_seed(0))
+    encode = type(scorer).encode
+    monkeypatch.setattr(scorer, "encode", lambda *a, **kw: encode(scorer, *a, **kw).one_pass())
+    flat = method._curvature_stats(model, scorer, _questions(4), 4, torch.Generator().manual_seed(0))
     for k in flat:  # summed output gradients are equal; input means weight the context once per question
-        torch.testing.assert_close(torch.cat(stats[0][k][1]), torch.cat(flat[k][1]), atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(torch.cat(stats[k][1]), torch.cat(flat[k][1]), atol=1e-6, rtol=1e-4)
 
 
 def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
