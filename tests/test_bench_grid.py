@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import sys
@@ -149,6 +151,10 @@ def test_other_protocol_in_same_folder_is_refused(grid):
     other = make_config(str(grid["out"]), TINY, methods=["mle"], model="tiny-random-llama", ood_train="obqa")
     with pytest.raises(GridError, match="another preset or model"):
         run_grid(other)
+    reworded = dataclasses.replace(TINY, description="the same budget, described in other words")
+    same = make_config(str(grid["out"]), reworded, methods=["mle"], model="tiny-random-llama", ood_train="arith",
+                       ood_tasks=["arith-ood"])
+    assert same.protocol() == grid["config"].protocol()
 
 
 def test_report_files(grid):

@@ -156,6 +156,54 @@ def test_tfb_round_trip_and_mean(mle_run, tmp_path):
                                atol=1e-5, rtol=1e-4)
 
 
+def test_antithetic_noise_mirrors_the_first_half():
+    from bayeslora.peft_ext.stochastic import SamplingState
+
+    state = SamplingState(groups=torch.arange(6), n_groups=6, generator=torch.Generator().manual_seed(0),
+                          antithetic=True)
+    eps = state.noise(object(), (2, 3), "cpu", torch.float32)
+    torch.testing.assert_close(eps[3:], -eps[:3])
+    assert eps[:3].abs().min() > 0
+
+
+@pytest.mark.parametrize("c,power", [(1e4, 2.0), (30.0, 2.0), (5.0, 1.0), (1e7, 3.0)])
+def test_tfb_secant_search_finds_the_largest_sigma_in_few_evaluations(c, power):
+    """On a change that follows c * sigma^power, the secant search lands within 1.2x of the exact answer (the
+    resolution of 6 bisection steps), never above tau, in fewer evaluations than the bisection."""
+    from bayeslora.methods import build_method
+
+    results = {}
+    for search in ("secant", "bisect"):
+        method = build_method("tfb", {"search": search, "search_steps": 6})
+        calls = []
+
+        def change(sigma, calls=calls):
+            calls.append(sigma)
+            return c * sigma ** power
+
+        results[search] = (method._secant if search == "secant" else method._bisect)(change), len(calls)
+    exact = (0.003 / c) ** (1 / power)
+    (sigma, n_secant), (sigma_b, n_bisect) = results["secant"], results["bisect"]
+    assert c * sigma ** power <= 0.003 and exact / 1.2 <= sigma <= exact
+    assert exact / 1.25 <= sigma_b <= exact
+    assert n_secant <= 4 < n_bisect
+
+
+def test_tfb_search_edges():
+    from bayeslora.methods import build_method
+
+    method = build_method("tfb", {"search_steps": 6})
+    assert method._secant(lambda s: 0.0) == 1.0  # no change at all: sigma_max
+    assert method._secant(lambda s: 1.0) == 0.0  # too much change everywhere: no noise
+    with pytest.raises(ValueError, match="search"):
+        build_method("tfb", {"search": "golden"})
+
+
+def test_tfb_bisect_fit(mle_run, tmp_path):
+    _, run = _fit_in_memory("tfb", {**TFB_FAST, "search": "bisect"}, mle_run, tmp_path)
+    assert run.info["fit"]["n_evaluations"] == 2 + 3
+
+
 def _adapter_model(source):
     from bayeslora.posthoc import load_adapter, resolve_source
     from bayeslora.scoring import make_scorer

@@ -77,9 +77,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
            "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 "
-           "samples, 6 bisection steps), post-hoc fits on 200 questions", max_steps=20, batch_size=8, lr=3e-4,
-           warmup_ratio=0.1, max_length=256, train_limit=None, eval_limit=40, fit_limit=200, n_samples=4,
-           datasets=("obqa",), seeds=(1,),
+           "antithetic samples, at most 8 search evaluations), post-hoc fits on 200 questions", max_steps=20,
+           batch_size=8, lr=3e-4, warmup_ratio=0.1, max_length=256, train_limit=None, eval_limit=40, fit_limit=200,
+           n_samples=4, datasets=("obqa",), seeds=(1,),
            method_options={"laplace": {"n_samples": 50},
                            "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
     # Small-data protocol (the regime the project is about: few examples, an adapter that overfits). Probe on the
@@ -89,9 +89,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cpu-fewshot", "CPU small-data protocol for SmolLM2-135M on 2 cores: ARC-E, the first 32 training "
            "questions, 40 steps of 4 at lr 1e-3 (5 epochs), fixed 60-question subsets of ARC-E validation and test, "
            "post-hoc fits on 64 questions, 4 posterior samples for sampling methods (Laplace: 50 logit samples; "
-           "TFB: 32 anchors, 4 samples, 6 bisection steps), seeds 1-3", max_steps=40, batch_size=4, lr=1e-3,
-           warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64, n_samples=4,
-           datasets=("arc-e",), seeds=(1, 2, 3),
+           "TFB: 32 anchors, 4 antithetic samples, at most 8 search evaluations), seeds 1-3", max_steps=40,
+           batch_size=4, lr=1e-3, warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64,
+           n_samples=4, datasets=("arc-e",), seeds=(1, 2, 3),
            method_options={"laplace": {"n_samples": 50},
                            "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
     # The same small-data protocol trained 4x longer (20 epochs of the 32 questions): the regime where an MLE adapter
@@ -128,8 +128,10 @@ class GridConfig:
     ood_tasks: list[str] = field(default_factory=lambda: list(OOD_TASKS))
 
     def protocol(self) -> dict:
-        """What a rerun in the same folder must keep: results of another budget or model are not comparable."""
-        return {"preset": asdict(self.preset) | {"datasets": None, "seeds": None}, "model": self.model,
+        """What a rerun in the same folder must keep: results of another budget or model are not comparable (the
+        preset's wording is not part of it)."""
+        return {"preset": asdict(self.preset) | {"description": None, "datasets": None, "seeds": None},
+                "model": self.model,
                 "ood_train": self.ood_train}
 
 

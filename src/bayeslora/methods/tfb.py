@@ -6,9 +6,21 @@ equivalent factors ``B' = U diag(d)``, ``A' = V^T A`` (``B' A' = B A``). The pos
 std ``sigma / d_i`` on row ``i``: the induced noise on ``Delta W`` is ``sigma * U eps`` — an isotropic Gaussian of
 std ``sigma`` inside the adapter's column space. One scalar ``sigma`` (shared by all layers) is the largest for
 which the predictive NLL on an anchor set (default 500 fit examples, S = 10 samples), measured against the
-adapter's own predicted labels, changes by at most a relative ``tau`` (default 0.003); found by bisection (in log
-space). Sampling reuses :class:`bayeslora.peft_ext.GaussianLoraA` (fixed, non-trainable std) and the batched
-per-question samples of :meth:`BayesianMethod.sampling`. No gradient is ever computed.
+adapter's own predicted labels, changes by at most a relative ``tau`` (default 0.003). Sampling reuses
+:class:`bayeslora.peft_ext.GaussianLoraA` (fixed, non-trainable std) and the batched per-question samples of
+:meth:`BayesianMethod.sampling`. No gradient is ever computed.
+
+The search (``search``):
+
+- ``bisect`` (the paper's): bisection in log sigma over [sigma_min, sigma_max]; 2 + ``search_steps`` anchor
+  evaluations.
+- ``secant`` (default, cheaper): the anchor samples are antithetic pairs (``eps``, ``-eps``) with common random
+  numbers, so the odd-order terms of the sample average cancel and the NLL change grows like ``c sigma^2`` for
+  small sigma. Each step fits the exponent of that power law through the last two evaluations (log-log secant,
+  2 until there are two) and jumps to the sigma it predicts for 0.85 ``tau``; it stops at the first sigma whose
+  change lies in [0.7 ``tau``, ``tau``] (a sigma within ~1.2x of the largest one allowed: the resolution of
+  6 bisection steps) and returns the largest sigma seen with change <= ``tau``. Typically 2-4 evaluations; at most
+  ``search_steps`` + 2.
 """
 
 from __future__ import annotations
@@ -18,10 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
+from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, sample_groups, stochastic_layers
 from .base import MethodConfig, MethodError
 from .posthoc_base import PosthocMethod, batches, subsample
 from .registry import register_method
+
+SEARCHES = ("secant", "bisect")
 
 
 @dataclass
@@ -30,7 +44,10 @@ class TFBConfig(MethodConfig):
     tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
     search_samples: int = field(default=10, metadata={"help": "posterior samples per anchor NLL evaluation"})
-    search_steps: int = field(default=8, metadata={"help": "bisection steps (in log sigma)"})
+    search_steps: int = field(default=8, metadata={"help": "bisection steps (in log sigma); for secant, the "
+                                                                   "evaluation budget is search_steps + 2"})
+    search: str = field(default="secant", metadata={"help": "secant (antithetic samples, power-law steps) | bisect "
+                                                            "(the paper's bisection in log sigma)"})
     sigma_min: float = field(default=1e-5, metadata={"help": "lower end of the sigma search"})
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
 
@@ -42,6 +59,8 @@ class TFBConfig(MethodConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise MethodError(f"Expected `{name}` to be a positive int, but got {value!r}")
+        if self.search not in SEARCHES:
+            raise MethodError(f"Unknown `search` {self.search!r}; expected one of {', '.join(SEARCHES)}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise MethodError(f"Expected 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r}, {self.sigma_max!r}")
 
@@ -105,15 +124,19 @@ class TFB(PosthocMethod):
 
     @torch.no_grad()
     def _anchor_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int) -> float:
-        """Mean NLL of the pseudo-labels under the S-sample predictive (common random numbers: fixed seed)."""
+        """Mean NLL of the pseudo-labels under the S-sample predictive (common random numbers: fixed seed;
+        antithetic sample pairs for the secant search)."""
         generator = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
-        for enc, labels in zip(encoded, pseudo):
+        for enc, labels in zip(encoded, pseudo, strict=True):
             if n_samples == 0:
                 probs = torch.softmax(scorer.choice_logits(model, enc).float(), -1)
             else:
-                probs = torch.softmax(self.sample_logits(model, scorer, enc, n_samples, generator).float(), -1)
-                probs = probs.mean(0)
+                B = enc.n_questions
+                groups = torch.arange(n_samples * B, device=enc.labels.device)
+                with sample_groups(model, groups, generator=generator, antithetic=self.config.search == "secant"):
+                    logits = scorer.choice_logits(model, enc.repeat(n_samples)).view(n_samples, B, -1)
+                probs = torch.softmax(logits.float(), -1).mean(0)
             total += -probs.gather(1, labels[:, None]).clamp_min(1e-30).log().sum().item()
             count += labels.shape[0]
         return total / count
@@ -140,13 +163,13 @@ class TFB(PosthocMethod):
             evaluations.append((sigma, nll))
             return abs(nll - nll0) / max(nll0, 1e-12)
 
-        sigma = self._search(rel_change)
+        sigma = (self._secant if cfg.search == "secant" else self._bisect)(rel_change)
         self._set_sigma(scales, sigma)
         best = next((nll for s, nll in reversed(evaluations) if s == sigma), nll0)
         return {"sigma": sigma, "anchor_nll0": nll0, "anchor_nll": best, "n_anchor": len(anchors),
                 "n_evaluations": len(evaluations)}
 
-    def _search(self, rel_change) -> float:
+    def _bisect(self, rel_change) -> float:
         """Largest sigma in [sigma_min, sigma_max] with rel_change(sigma) <= tau (bisection in log sigma, assuming
         the change grows with sigma; common random numbers make it a smooth function of sigma)."""
         cfg = self.config
@@ -162,3 +185,31 @@ class TFB(PosthocMethod):
             else:
                 hi = mid
         return math.exp(lo)
+
+    def _secant(self, rel_change) -> float:
+        """Largest sigma seen with rel_change(sigma) <= tau, stepping along the local power law of the change."""
+        cfg = self.config
+        lo_log, hi_log = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+        target = 0.85 * cfg.tau
+        points: list[tuple[float, float]] = []  # (log sigma, log change) of measurable changes
+        best, log_s = 0.0, (lo_log + hi_log) / 2
+        for _ in range(cfg.search_steps + 2):
+            change = rel_change(math.exp(log_s))
+            if change <= cfg.tau:
+                best = max(best, math.exp(log_s))
+                if change >= 0.7 * cfg.tau or log_s >= hi_log:
+                    break
+            elif log_s <= lo_log:
+                break
+            if change <= 1e-12:  # too small to measure: a big step up
+                step = math.log(100.0)
+            else:
+                points.append((log_s, math.log(change)))
+                slope = 2.0
+                if len(points) >= 2:
+                    (x0, y0), (x1, y1) = points[-2], points[-1]
+                    if abs(x1 - x0) > 1e-9:
+                        slope = min(max((y1 - y0) / (x1 - x0), 0.5), 4.0)
+                step = (math.log(target) - math.log(change)) / slope
+            log_s = min(max(log_s + step, lo_log), hi_log)
+        return best

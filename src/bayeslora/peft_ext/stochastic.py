@@ -17,7 +17,9 @@ class SamplingState:
     A forward pass's rows are mapped to questions by ``rows`` (set by the scorer with :func:`row_questions`; when
     unset, row ``i`` is question ``i``), so all rows of a question (its cloze choices, its prompt and its
     continuation) share one weight sample. Noise is drawn once per layer per context (from ``generator``) and
-    cached, so several forwards inside one context see the same sample.
+    cached, so several forwards inside one context see the same sample. ``antithetic``: the second half of the
+    groups uses the negated noise of the first half (group ``g + n_groups // 2`` is the mirror of group ``g``), so
+    the odd-order terms of a sample average cancel exactly.
     """
 
     groups: torch.Tensor  # (B,) long: sample group of each question
@@ -25,6 +27,7 @@ class SamplingState:
     generator: torch.Generator | None
     rows: torch.Tensor | None = None  # (R,) long: question of each row of the current forward
     cache: dict = field(default_factory=dict)
+    antithetic: bool = False
 
     def row_groups(self, n_rows: int) -> torch.Tensor:
         """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,)."""
@@ -36,7 +39,10 @@ class SamplingState:
     def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         key = id(layer)
         if key not in self.cache:
-            eps = torch.randn((self.n_groups, *shape), generator=self.generator, device="cpu", dtype=torch.float32)
+            n = (self.n_groups + 1) // 2 if self.antithetic else self.n_groups
+            eps = torch.randn((n, *shape), generator=self.generator, device="cpu", dtype=torch.float32)
+            if self.antithetic:
+                eps = torch.cat([eps, -eps])[:self.n_groups]
             self.cache[key] = eps.to(device=device, dtype=dtype)
         return self.cache[key]
 
@@ -153,15 +159,16 @@ def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None = None,
-                  generator: torch.Generator | None = None) -> Iterator[SamplingState]:
+                  generator: torch.Generator | None = None, antithetic: bool = False) -> Iterator[SamplingState]:
     """Within the context, every stochastic layer of ``model`` samples one weight per group of questions.
 
     ``groups`` (B,) gives each question's sample group: ``torch.arange(B)`` draws one sample per question (training;
-    or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`).
+    or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`). ``antithetic``: mirrored noise
+    pairs (see :class:`SamplingState`); with a batch repeated an even S times, copy ``s + S / 2`` mirrors copy ``s``.
     """
     layers = stochastic_layers(model)
     state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
-                          generator=generator)
+                          generator=generator, antithetic=antithetic)
     for layer in layers:
         layer._sampling = state
     try:
