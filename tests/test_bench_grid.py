@@ -155,6 +155,10 @@ def test_other_protocol_in_same_folder_is_refused(grid):
     same = make_config(str(grid["out"]), reworded, methods=["mle"], model="tiny-random-llama", ood_train="arith",
                        ood_tasks=["arith-ood"])
     assert same.protocol() == grid["config"].protocol()
+    saved = json.loads((grid["out"] / "grid.json").read_text())  # a folder written when the wording was in it
+    saved["protocol"]["preset"]["description"] = "old words"
+    (grid["out"] / "grid.json").write_text(json.dumps(saved))
+    run_grid(same, log=lambda m: None)
 
 
 def test_report_files(grid):

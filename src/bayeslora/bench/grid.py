@@ -242,7 +242,10 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
             saved = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise GridError(f"{path} is not valid JSON ({exc.msg}); remove it or choose another --out") from None
-        if saved.get("protocol") != config.protocol():
+        protocol = saved.get("protocol")
+        if isinstance(protocol, dict) and isinstance(protocol.get("preset"), dict):
+            protocol["preset"]["description"] = None  # folders written before the wording left the protocol
+        if protocol != config.protocol():
             raise GridError(f"{out} holds a grid with another preset or model ({saved.get('protocol', {})}); "
                             f"choose another --out")
     commands = grid_commands(out)
