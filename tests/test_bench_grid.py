@@ -46,7 +46,7 @@ def fake_bayesianize(source, method, out, dataset=None, split=None, options=None
     shutil.copytree(source, out)
     (Path(out) / "posterior.safetensors").unlink(missing_ok=True)  # the MLE run's file names its method
     info = json.loads((Path(out) / "run.json").read_text())
-    info.update(method=method, method_config={})
+    info.update(method=method, method_config={}, fit={"n_examples": 6})
     (Path(out) / "run.json").write_text(json.dumps(info))
     fake_bayesianize.calls.append((str(source), method, dataset, limit))
     return Path(out)
@@ -108,7 +108,10 @@ def test_crash_is_recorded_and_grid_goes_on(grid):
 def test_posthoc_starts_from_the_mle_run(grid):
     source, method, dataset, limit = fake_bayesianize.calls[0]
     assert source.endswith("runs/mle-arith-s1") and method == "bench-posthoc" and dataset == "arith" and limit == 8
-    assert by_method(grid["rows"])["bench-posthoc"]["metrics"]["validation"]["n"] == 10
+    row = by_method(grid["rows"])["bench-posthoc"]
+    assert row["metrics"]["validation"]["n"] == 10
+    # the post-hoc cost unit: one MLE epoch over the 6 fit questions = 2 steps of 4 at the MLE cell's step time
+    assert row["fit_epoch_s"] == pytest.approx(row["mle_train_time_s"] / row["mle_steps"] * 2, rel=1e-3, abs=1e-3)
 
 
 def test_rerun_skips_finished_cells_and_retries_failed(grid):
@@ -166,6 +169,7 @@ def test_report_files(grid):
     table = paths["table"].read_text()
     assert "| mle |" in table
     assert "ECE (%)" in table and "AUROC epistemic" in table and "### Failed cells" in table
+    assert "fit / MLE epoch" in table
     assert "| arith / mle |" in table and "| arith / bench-posthoc |" in table and "| arith-ood / mle |" in table
     assert "| colors / mle |" in table
     figures = sorted(p.name for p in paths["figures"].iterdir())

@@ -410,7 +410,21 @@ def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) 
                     options=method_options(config, cell.method), data_dir=config.data_dir,
                     model=config.model, limit=config.preset.fit_limit, seed=cell.seed)
         timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
+        epoch = fit_epoch_seconds(timings, run_dir, config.preset.batch_size)
+        if epoch is not None:
+            timings["fit_epoch_s"] = epoch
     return run_dir
+
+
+def fit_epoch_seconds(timings: dict, run_dir: Path, batch_size: int) -> float | None:
+    """Wall time of one MLE training epoch over the post-hoc fit set: the MLE cell's measured time per step times
+    the steps an epoch of the fit questions takes (the unit of the post-hoc cost goal)."""
+    try:
+        n = int(json.loads((run_dir / "run.json").read_text())["fit"]["n_examples"])
+        per_step = float(timings["mle_train_time_s"]) / int(timings["mle_steps"])
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return round(per_step * math.ceil(n / batch_size), 3)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------

@@ -99,12 +99,14 @@ def sections(rows: list[dict]) -> list[tuple[str, dict, str]]:
 def cost_table(rows: list[dict]) -> dict:
     """Mean wall times and peak memory per method over its cells."""
     rows = _ok(rows)
-    columns = ["train s", "post-hoc fit s", "eval s (validation)", "cell wall s", "peak RSS MB"]
+    columns = ["train s", "post-hoc fit s", "fit / MLE epoch", "eval s (validation)", "cell wall s", "peak RSS MB"]
     body = {}
     for m in _order(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
         body[m] = [format_cell([r.get("train_time_s") for r in mine], decimals=1),
                    format_cell([r.get("fit_time_s") for r in mine], decimals=1),
+                   format_cell([r["fit_time_s"] / r["fit_epoch_s"] if r.get("fit_time_s") and r.get("fit_epoch_s")
+                                else None for r in mine], decimals=2),
                    format_cell([r["metrics"].get("validation", {}).get("eval_time_s") for r in mine], decimals=1),
                    format_cell([r.get("wall_time_s") for r in mine], decimals=1),
                    format_cell([r.get("peak_rss_mb") for r in mine], decimals=0)]
