@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -356,9 +357,11 @@ class Laplace(PosthocMethod):
         self._bind(model)
         fit_set = subsample(examples, cfg.n_fit, generator)
         self.n_data = float(cfg.n_data if cfg.n_data is not None else len(examples))
+        t0 = time.perf_counter()
         self._factorize(self._curvature_stats(model, scorer, fit_set, batch_size, generator))
+        t1 = time.perf_counter()
         result = {"n_fit": len(fit_set), "n_data": int(self.n_data), "n_params": self._n_params(),
-                  "subset": cfg.subset}
+                  "subset": cfg.subset, "curvature_time_s": round(t1 - t0, 3)}
         if cfg.prior_precision is not None:
             self.prior_precision = float(cfg.prior_precision)
         elif cfg.prior == PriorFit.MARGLIK.value:
@@ -369,6 +372,8 @@ class Laplace(PosthocMethod):
                                    "use a dataset with a validation split, or --option prior=marglik")
             val = subsample(validation, cfg.n_val, generator)
             self.prior_precision, result["val_nll"] = self._tune_val_nll(model, scorer, val, batch_size)
+            result["n_val"] = len(val)
+        result["prior_time_s"] = round(time.perf_counter() - t1, 3)
         if not math.isfinite(self.prior_precision) or self.prior_precision <= 0:
             raise LaplaceError(f"The tuned prior precision is {self.prior_precision}: the curvature is degenerate")
         result["prior_precision"] = self.prior_precision
