@@ -135,6 +135,10 @@ def tables_markdown(rows: list[dict]) -> str:
     """The Markdown report body: in-distribution (validation, test), OOD, cost, failed cells."""
     parts = [INTRO]
     parts += [f"### {title}\n\n{markdown_table(table, corner)}" for title, table, corner in sections(rows)]
+    walls = [r["wall_time_s"] for r in rows if r.get("wall_time_s") is not None]
+    if walls:
+        parts.append(f"Sum of the cells' wall times: {sum(walls) / 60:.1f} min over {len(walls)} cells (each cell "
+                     "loads the model, trains or fits, and evaluates; the cells run one after the other).")
     failed = failures(rows)
     if failed:
         parts.append("### Failed cells\n\n" + "\n".join(f"- {f}" for f in failed))
