@@ -45,3 +45,23 @@ def test_bench_speed_rejects_bad_input(capsys):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--samples", "0"]) == 2
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "train,nope"]) == 2
     assert "Expected parts among" in capsys.readouterr().err
+
+
+def test_bench_speed_posthoc_part(tmp_path):
+    """One MLE epoch over the fit questions, then each post-hoc method fitted on them, as ratios to the epoch."""
+    md, raw = tmp_path / "posthoc.md", tmp_path / "posthoc.json"
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "posthoc",
+                 "--posthoc-methods", "temperature,tfb", "--fit-questions", "8", "--batch-size", "4",
+                 "--md", str(md), "--json", str(raw)]) == 0
+    rows = json.loads(raw.read_text())["posthoc"]
+    assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", "tfb"]
+    assert rows[0]["x_epoch"] == 1.0 and all(r["fit_s"] > 0 for r in rows)
+    assert rows[1]["split"] == "validation" and rows[2]["split"] == "train" and rows[2]["n_examples"] == 8
+    text = md.read_text()
+    assert "Post-hoc fit vs one MLE epoch" in text and "| tfb | train | 8 |" in text
+
+
+def test_bench_speed_posthoc_methods_must_be_posthoc(capsys):
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
+                 "--posthoc-methods", "blob"]) == 2
+    assert "not post hoc" in capsys.readouterr().err

@@ -32,7 +32,12 @@ def add_speed_command(bench) -> None:
     p.add_argument("--samples", default="1,4,10", help="comma-separated sample counts S")
     p.add_argument("--parts", default="train,predictive,scoring",
                    help="comma-separated parts: train (step time/memory per method), predictive (BLoB sample "
-                   "costs), scoring (cloze shared context vs one pass)")
+                   "costs), scoring (cloze shared context vs one pass), posthoc (post-hoc fit time vs one MLE "
+                   "epoch; not in the default: minutes on a CPU)")
+    p.add_argument("--posthoc-methods", default="laplace,tfb,temperature",
+                   help="comma-separated post-hoc methods of the posthoc part")
+    p.add_argument("--fit-questions", type=int, default=64,
+                   help="posthoc part: training questions of the MLE epoch and of the fits")
     p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
     p.add_argument("--json", default=None, help="write the raw measurements here; each finished part is saved at "
                    "once and a rerun with the same options reuses it")
@@ -45,11 +50,16 @@ def _cmd_speed(args) -> int:
     from .methods import get_method_class
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for name in methods:
+    posthoc = [m.strip() for m in args.posthoc_methods.split(",") if m.strip()]
+    for name in methods + posthoc:
         get_method_class(name)  # unknown names fail before any measurement
+    for name in posthoc:
+        if not getattr(get_method_class(name), "posthoc", False):
+            raise ValueError(f"Method {name!r} is trained end to end, not post hoc: it cannot be in --posthoc-methods")
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
                          steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir,
-                         parts=[x.strip() for x in args.parts.split(",") if x.strip()])
+                         parts=[x.strip() for x in args.parts.split(",") if x.strip()], posthoc_methods=posthoc,
+                         fit_questions=args.fit_questions)
     result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        partial=Path(args.json) if args.json else None)
     command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"

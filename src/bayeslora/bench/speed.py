@@ -9,11 +9,18 @@
    Median of ``repeats`` timed runs after one warm-up run.
 3. Cloze scoring of one batch with each question's shared context run once (prefix pass + continuations on its KV
    cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
+4. Post-hoc fit cost (part ``posthoc``, not in the default parts: minutes on a CPU): an MLE adapter trained for
+   exactly one epoch over the first ``fit_questions`` training questions (its training-loop time is the unit), then
+   each post-hoc method fitted to it on the same questions with its defaults (``bayeslora bayesianize``; Laplace
+   also tunes its prior on validation questions, temperature scaling fits on validation), each in its own
+   subprocess: fit time (model loading excluded) / the epoch, and the growth of the subprocess's peak memory over
+   the whole fit (model loading included, unlike part 1).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -29,7 +36,8 @@ from ..io_utils import atomic_write_text
 from .environment import environment_lines
 
 
-PARTS = ("train", "predictive", "scoring")
+PARTS = ("train", "predictive", "scoring", "posthoc")
+DEFAULT_PARTS = ("train", "predictive", "scoring")
 
 
 @dataclass
@@ -41,11 +49,14 @@ class SpeedConfig:
     steps: int = field(default=3, metadata={"help": "timed training steps per method (after one warm-up)"})
     repeats: int = field(default=2, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
     samples: list[int] = field(default_factory=lambda: [1, 4, 10])
-    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    parts: list[str] = field(default_factory=lambda: list(DEFAULT_PARTS))
     data_dir: str | None = None
+    posthoc_methods: list[str] = field(default_factory=lambda: ["laplace", "tfb", "temperature"])
+    fit_questions: int = field(default=64, metadata={"help": "questions of the MLE epoch and the post-hoc fits"})
+    work_dir: str | None = field(default=None, metadata={"help": "folder for the posthoc part's runs (a temp dir)"})
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "repeats"):
+        for name in ("batch_size", "steps", "repeats", "fit_questions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)!r}")
         if not self.samples or any(s < 1 for s in self.samples):
@@ -96,6 +107,19 @@ def _setup(config: SpeedConfig, method_name: str):
     return method, model, scorer
 
 
+def _peak_start() -> int:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_growth_mib(start: int) -> float:
+    if torch.cuda.is_available():
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / 2**20
+
+
 def measure_train_step(config: SpeedConfig, method_name: str) -> dict:
     """Seconds per optimizer step and peak-memory growth (MiB) of ``method_name`` (run in a fresh process)."""
     method, model, scorer = _setup(config, method_name)
@@ -111,18 +135,11 @@ def measure_train_step(config: SpeedConfig, method_name: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        start_mem = torch.cuda.memory_allocated()
-    else:
-        start_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start_mem = _peak_start()
     seconds = _timed(step, config.steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - start_mem
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem
+    peak = _peak_growth_mib(start_mem)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method_name, "step_s": seconds, "peak_mib": peak / 2**20, "trainable_params": trainable}
+    return {"method": method_name, "step_s": seconds, "peak_mib": peak, "trainable_params": trainable}
 
 
 def measure_predictive(config: SpeedConfig) -> list[dict]:
@@ -202,11 +219,48 @@ def measure_scoring(config: SpeedConfig) -> list[dict]:
     return rows
 
 
-def _subprocess_train_step(config: SpeedConfig, method: str) -> dict:
-    cmd = [sys.executable, "-m", "bayeslora.bench.speed", "--train-step", method, json.dumps(asdict(config))]
+def measure_posthoc_fit(config: SpeedConfig, method_name: str, source: str, out: str) -> dict:
+    """Fit ``method_name`` to the MLE run ``source`` on the first ``fit_questions`` questions (run in a fresh
+    process): the fit's own time (``run.json``), its peak-memory growth and what it fitted."""
+    from ..posthoc import bayesianize
+
+    start = _peak_start()
+    run = bayesianize(source, method_name, out, dataset=config.dataset, data_dir=config.data_dir,
+                      limit=config.fit_questions, batch_size=config.batch_size)
+    fit = json.loads((Path(run) / "run.json").read_text())["fit"]
+    return {"method": method_name, "fit_s": fit["time_s"], "peak_mib": _peak_growth_mib(start),
+            "n_examples": fit.get("n_examples"), "split": fit.get("split")}
+
+
+def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
+    """One MLE epoch over the fit questions, then every post-hoc method fitted on them (see the docstring)."""
+    import tempfile
+
+    from ..config import TrainConfig
+    from ..train import train
+
+    with tempfile.TemporaryDirectory(dir=config.work_dir) as tmp:
+        steps = math.ceil(config.fit_questions / config.batch_size)
+        log(f"[speed] posthoc: one MLE epoch ({steps} steps of {config.batch_size})")
+        source = train(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
+                                   batch_size=config.batch_size, max_steps=steps, train_limit=config.fit_questions,
+                                   save_every=0, seed=0), Path(tmp) / "mle", progress=False)
+        epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
+        rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
+                 "n_examples": config.fit_questions, "split": "train"}]
+        for method in config.posthoc_methods:
+            log(f"[speed] posthoc: {method}")
+            rows.append(_subprocess("--posthoc-fit", config, method, str(source), str(Path(tmp) / method)))
+    for row in rows:
+        row["x_epoch"] = row["fit_s"] / epoch
+    return rows
+
+
+def _subprocess(flag: str, config: SpeedConfig, method: str, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "bayeslora.bench.speed", flag, method, json.dumps(asdict(config)), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
-        raise RuntimeError(f"Training-step benchmark of {method} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"Benchmark {flag} of {method} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -224,7 +278,7 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
         rows = []
         for method in config.methods:
             log(f"[speed] training step: {method}")
-            rows.append(_subprocess_train_step(config, method))
+            rows.append(_subprocess("--train-step", config, method))
         ref = next((r for r in rows if r["method"] == "mle"), rows[0])
         for row in rows:
             row["x_step"] = row["step_s"] / ref["step_s"]
@@ -238,6 +292,9 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
     if "scoring" in config.parts and "scoring" not in result:
         log("[speed] cloze scoring: shared context vs one pass")
         result["scoring"] = measure_scoring(config)
+        _save_partial(partial, result)
+    if "posthoc" in config.parts and "posthoc" not in result:
+        result["posthoc"] = measure_posthoc(config, log)
         _save_partial(partial, result)
     return result
 
@@ -258,6 +315,8 @@ def format_markdown(result: dict, command: str) -> str:
         lines += _predictive_lines(result)
     if "scoring" in parts:
         lines += _scoring_lines(result)
+    if "posthoc" in parts:
+        lines += _posthoc_lines(result)
     lines += ["Command:", "", "```", command, "```", "", *environment_lines()]
     return "\n".join(lines) + "\n"
 
@@ -305,6 +364,21 @@ def _scoring_lines(result: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _posthoc_lines(result: dict) -> list[str]:
+    c = result["config"]
+    lines = [f"Post-hoc fit vs one MLE epoch over the first {c['fit_questions']} `{c['dataset']}` training questions "
+             f"(batch {c['batch_size']}; each method with its defaults on the same questions, in its own subprocess; "
+             "fit time excludes model loading; peak memory: growth over the whole fit, model loading included):", ""]
+    if "posthoc" not in result:
+        return [*lines, _missing("posthoc"), ""]
+    lines += ["| fit | split | questions | seconds | x MLE epoch | peak MiB |", "|---|---|---|---|---|---|"]
+    for r in result["posthoc"]:
+        peak = "–" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['method']} | {r['split']} | {r['n_examples']} | {r['fit_s']:.1f} | {r['x_epoch']:.2f} | "
+                     f"{peak} |")
+    return [*lines, ""]
+
+
 def write_speed(result: dict, md_path: Path | None, json_path: Path | None, command: str) -> str:
     text = format_markdown(result, command)
     if md_path is not None:
@@ -317,6 +391,10 @@ def write_speed(result: dict, md_path: Path | None, json_path: Path | None, comm
     return text
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--train-step":
-    # internal: one method's training step in a fresh process (see _subprocess_train_step)
-    print(json.dumps(measure_train_step(SpeedConfig(**json.loads(sys.argv[3])), sys.argv[2])))
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] in ("--train-step", "--posthoc-fit"):
+    # internal: one method's measurement in a fresh process (see _subprocess)
+    _config = SpeedConfig(**json.loads(sys.argv[3]))
+    if sys.argv[1] == "--train-step":
+        print(json.dumps(measure_train_step(_config, sys.argv[2])))
+    else:
+        print(json.dumps(measure_posthoc_fit(_config, sys.argv[2], *sys.argv[4:6])))
