@@ -70,10 +70,11 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
-    # Sized from measured cells on the real model (2 cores): MLE 373 s (20 steps of 8 + 4 x 40 evaluated questions),
-    # BLoB 428 s (S = 4 evaluation). With its default search (up to 500 anchors x 10 samples x 10 evaluations) TFB
-    # alone would take ~40 min, hence the cheap search below (as in cpu-fewshot). The whole preset has not been run
-    # end to end yet; from the measured cells of this and the other CPU presets, expect ~65 min.
+    # Measured end to end on 2 idle cores with the real model (runs/small, 2026-11-23): all nine methods in 43 min
+    # (`/usr/bin/time` of the whole command; cells from 91 s for temperature scaling to 652 s for Laplace). With its
+    # default search (up to 500 anchors x 10 samples x 10 evaluations) TFB alone would take ~40 min, hence the cheap
+    # search below (as in cpu-fewshot). SmolLM2-135M is at chance on OBQA, so this is a smoke test of the pipeline,
+    # not a calibration comparison (docs/FINDINGS.md): use cpu-fewshot / cpu-overfit for that.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
            "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 "
