@@ -169,7 +169,11 @@ def test_report_files(grid):
     table = paths["table"].read_text()
     assert "| mle |" in table
     assert "ECE (%)" in table and "AUROC epistemic" in table and "### Failed cells" in table
-    assert "fit / MLE epoch" in table and "Sum of the cells' wall times" in table
+    assert "fit / MLE epoch" in table and "eval / MLE eval" in table and "Sum of the cells' wall times" in table
+    from bayeslora.bench.report import cost_table
+
+    cost = cost_table(read_results(grid["out"]))
+    assert cost["rows"]["mle"][cost["columns"].index("eval / MLE eval")] == "1.00"
     assert "| arith / mle |" in table and "| arith / bench-posthoc |" in table and "| arith-ood / mle |" in table
     assert "| colors / mle |" in table
     figures = sorted(p.name for p in paths["figures"].iterdir())

@@ -99,15 +99,27 @@ def sections(rows: list[dict]) -> list[tuple[str, dict, str]]:
 def cost_table(rows: list[dict]) -> dict:
     """Mean wall times and peak memory per method over its cells."""
     rows = _ok(rows)
-    columns = ["train s", "post-hoc fit s", "fit / MLE epoch", "eval s (validation)", "cell wall s", "peak RSS MB"]
+    columns = ["train s", "post-hoc fit s", "fit / MLE epoch", "eval s (validation)", "eval / MLE eval",
+               "cell wall s", "peak RSS MB"]
     body = {}
+
+    def eval_s(r):
+        return r["metrics"].get("validation", {}).get("eval_time_s")
+
+    mle_eval = {}  # (dataset, seed) -> the MLE cell's evaluation time: the deterministic forward on the same questions
+    for r in rows:
+        if r["method"] == "mle" and eval_s(r):
+            mle_eval[r["dataset"], r["seed"]] = eval_s(r)
     for m in _order(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == m]
+        eval_ratio = [eval_s(r) / mle_eval[r["dataset"], r["seed"]]
+                      if eval_s(r) and (r["dataset"], r["seed"]) in mle_eval else None for r in mine]
         body[m] = [format_cell([r.get("train_time_s") for r in mine], decimals=1),
                    format_cell([r.get("fit_time_s") for r in mine], decimals=1),
                    format_cell([r["fit_time_s"] / r["fit_epoch_s"] if r.get("fit_time_s") and r.get("fit_epoch_s")
                                 else None for r in mine], decimals=2),
-                   format_cell([r["metrics"].get("validation", {}).get("eval_time_s") for r in mine], decimals=1),
+                   format_cell([eval_s(r) for r in mine], decimals=1),
+                   format_cell(eval_ratio, decimals=2),
                    format_cell([r.get("wall_time_s") for r in mine], decimals=1),
                    format_cell([r.get("peak_rss_mb") for r in mine], decimals=0)]
     return {"columns": columns, "rows": body}
