@@ -65,3 +65,20 @@ def test_bench_speed_posthoc_methods_must_be_posthoc(capsys):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
                  "--posthoc-methods", "blob"]) == 2
     assert "not post hoc" in capsys.readouterr().err
+
+
+def test_peak_memory_growth_is_measured_from_the_reset():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the benchmark measures GPU memory")
+
+    from bayeslora.bench.speed import _peak_growth_mib, _peak_start
+
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB before the measurement starts: not counted
+    start = _peak_start()
+    assert _peak_growth_mib(start) < 16
+    more = torch.ones(64 * 2**20 // 4)  # 64 MiB inside it
+    assert 48 < _peak_growth_mib(start) < 96
+    del big, more

@@ -1,8 +1,8 @@
 """``bayeslora bench speed``: what uncertainty costs, measured side by side on one model.
 
 1. Training step time and peak memory per method relative to MLE, on the same batch. Each method runs in its own
-   subprocess so that peak memory is its own: on CPU, the growth of ``getrusage(RUSAGE_SELF).ru_maxrss`` (the
-   process's peak resident set) from just before the first step to after the last one (model loading excluded); on
+   subprocess so that peak memory is its own: on CPU, the growth of the process's peak resident set (``VmHWM``,
+   reset to the current RSS just before the first step) up to after the last one (model loading excluded); on
    CUDA, ``torch.cuda.max_memory_allocated`` over the steps. One warm-up step is excluded from the timings.
 2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
    as S sequential forwards vs ONE batched forward, and the cheap head predictive (trunk once + S head samples).
@@ -107,17 +107,32 @@ def _setup(config: SpeedConfig, method_name: str):
     return method, model, scorer
 
 
+def _rss_peak_bytes(reset: bool = False) -> int:
+    """This process's peak resident set: ``VmHWM`` of ``/proc/self/status`` (reset to the current RSS first when
+    ``reset``; Linux). Not ``getrusage``'s ``ru_maxrss``: a child started by a process that had loaded a model
+    inherits that process's high-water mark there, which hides the child's own peak."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_start() -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _rss_peak_bytes(reset=True)
 
 
 def _peak_growth_mib(start: int) -> float:
     if torch.cuda.is_available():
         return (torch.cuda.max_memory_allocated() - start) / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / 2**20
+    return (_rss_peak_bytes() - start) / 2**20
 
 
 def measure_train_step(config: SpeedConfig, method_name: str) -> dict:
