@@ -136,15 +136,15 @@ class BayesianMethod:
 
     # -- prediction -----------------------------------------------------------------------------------------
     def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, antithetic: bool = False):
         """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``.
 
         Used for training (one sample per question), batched prediction (a batch repeated S times, one group per
         copy) and generation (S copies of a prompt decoded together). Default: the stochastic LoRA layers of
         :mod:`bayeslora.peft_ext` (a no-op for a deterministic model); methods with other kinds of samples
-        (ensemble members, ...) override it.
+        (ensemble members, ...) override it. ``antithetic``: mirrored noise pairs (see :func:`sample_groups`).
         """
-        return sample_groups(model, groups, n_groups, generator)
+        return sample_groups(model, groups, n_groups, generator, antithetic=antithetic)
 
     def resolve_samples(self, n_samples: int | None) -> int:
         n = self.config.n_samples if n_samples is None else n_samples
@@ -165,16 +165,18 @@ class BayesianMethod:
         return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator))
 
     def sample_logits(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
-                      generator: torch.Generator | None = None, batched: bool = True) -> torch.Tensor:
+                      generator: torch.Generator | None = None, batched: bool = True,
+                      antithetic: bool = False) -> torch.Tensor:
         """Choice logits of ``n_samples`` posterior samples, shape ``(S, B, C)``.
 
         ``batched``: the S samples run as ONE forward over the batch repeated S times (question ``s * B + b`` uses
         sample ``s * B + b``); otherwise S forwards one after the other (same distribution, for benchmarks).
+        ``antithetic`` (batched only): sample ``s + S / 2`` mirrors sample ``s`` (for an even S).
         """
         B = batch.n_questions
         if batched:
             groups = torch.arange(n_samples * B, device=batch.labels.device)
-            with self.sampling(model, groups, generator=generator):
+            with self.sampling(model, groups, generator=generator, antithetic=antithetic):
                 return scorer.choice_logits(model, batch.repeat(n_samples)).view(n_samples, B, -1)
         out = []
         for _ in range(n_samples):

@@ -97,8 +97,10 @@ class Ensemble(BayesianMethod):
         return torch.stack(out)
 
     def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, antithetic: bool = False):
         """Question ``q`` uses member ``groups[q] mod K``."""
+        if antithetic:
+            raise MethodError("Ensemble members have no antithetic mirror images")
         if groups.numel() == 0:
             return contextlib.nullcontext()
         names = self.members

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, sample_groups, stochastic_layers
+from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
 from .base import MethodConfig, MethodError
 from .posthoc_base import PosthocMethod, batches, subsample
 from .registry import register_method
@@ -132,10 +132,8 @@ class TFB(PosthocMethod):
             if n_samples == 0:
                 probs = torch.softmax(scorer.choice_logits(model, enc).float(), -1)
             else:
-                B = enc.n_questions
-                groups = torch.arange(n_samples * B, device=enc.labels.device)
-                with sample_groups(model, groups, generator=generator, antithetic=self.config.search == "secant"):
-                    logits = scorer.choice_logits(model, enc.repeat(n_samples)).view(n_samples, B, -1)
+                logits = self.sample_logits(model, scorer, enc, n_samples, generator,
+                                            antithetic=self.config.search == "secant")
                 probs = torch.softmax(logits.float(), -1).mean(0)
             total += -probs.gather(1, labels[:, None]).clamp_min(1e-30).log().sum().item()
             count += labels.shape[0]
