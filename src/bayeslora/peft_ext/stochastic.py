@@ -18,7 +18,7 @@ class SamplingState:
     unset, row ``i`` is question ``i``), so all rows of a question (its cloze choices, its prompt and its
     continuation) share one weight sample. Noise is drawn once per layer per context (from ``generator``) and
     cached, so several forwards inside one context see the same sample. ``antithetic``: the second half of the
-    groups uses the negated noise of the first half (group ``g + n_groups // 2`` is the mirror of group ``g``), so
+    groups uses the negated noise of the first half (group ``g + ceil(n_groups / 2)`` mirrors group ``g``), so
     the odd-order terms of a sample average cancel exactly.
     """
 
