@@ -53,7 +53,6 @@ class SpeedConfig:
     data_dir: str | None = None
     posthoc_methods: list[str] = field(default_factory=lambda: ["laplace", "tfb", "temperature"])
     fit_questions: int = field(default=64, metadata={"help": "questions of the MLE epoch and the post-hoc fits"})
-    work_dir: str | None = field(default=None, metadata={"help": "folder for the posthoc part's runs (a temp dir)"})
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "repeats", "fit_questions"):
@@ -254,7 +253,7 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
     from ..config import TrainConfig
     from ..train import train
 
-    with tempfile.TemporaryDirectory(dir=config.work_dir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         steps = math.ceil(config.fit_questions / config.batch_size)
         log(f"[speed] posthoc: one MLE epoch ({steps} steps of {config.batch_size})")
         source = train(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
