@@ -25,7 +25,8 @@ def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: in
     torch.manual_seed(0)
     loaded = load_model(config.model)
     scorer = make_scorer("cloze", loaded.tokenizer, max_length=256)
-    enc = _batch(config, "train", scorer.tokenizer, scorer)
+    device = next(loaded.model.parameters()).device
+    enc = _batch(config, "train", scorer.tokenizer, scorer).to(device)
     method = build_method(method_name)
     model = method.prepare(loaded.model, AdapterConfig(target_modules=targets))
     optimizer = torch.optim.AdamW(method.param_groups(model), lr=1e-4)
@@ -33,10 +34,12 @@ def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: in
     model.train()
 
     def step():
-        loss = method.nll(model, scorer, enc, generator) + method.kl_scale(1000) * method.kl()
+        loss = method.nll(model, scorer, enc, generator) + method.kl_scale(1000) * method.kl().to(device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     step()
     times = []
@@ -50,6 +53,8 @@ def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: in
     print(f"\n## {method_name}: median step {statistics.median(times):.3f} s over {steps} steps "
           f"({', '.join(f'{t:.2f}' for t in times)}), {trainable:,} trainable parameters")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    if device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
     return statistics.median(times)
 
 

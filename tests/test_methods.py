@@ -186,3 +186,23 @@ def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):
     slow = mean_std(_tiny_run(tmp_path / "a", "blob", steps=3, lr=1e-4))
     fast = mean_std(_tiny_run(tmp_path / "b", "blob", steps=3, lr=1e-4, method_options={"rho_lr": 0.05}))
     assert slow < 0.0025 < 0.01 < fast
+
+
+def test_noise_is_drawn_on_the_layer_device_deterministically():
+    """On CPU the context draws from its generator itself; on an accelerator from a device generator seeded once
+    per context from it (no blocking host-to-device copy per layer), so the same generator gives the same noise."""
+    from bayeslora.peft_ext import SamplingState, device_generator
+
+    g = torch.Generator().manual_seed(3)
+    assert device_generator(g, torch.device("cpu")) is g
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        draws = []
+        for _ in range(2):
+            state = SamplingState(groups=torch.arange(4), n_groups=4, generator=torch.Generator().manual_seed(3))
+            draws.append(state.draw(torch.randn, (4, 5), device))
+            assert draws[-1].device.type == device and draws[-1].dtype == torch.float32
+        assert torch.equal(draws[0], draws[1])
+    expected = torch.randn((4, 5), generator=torch.Generator().manual_seed(3))
+    state = SamplingState(groups=torch.arange(4), n_groups=4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(state.draw(torch.randn, (4, 5), "cpu"), expected)  # CPU runs keep their earlier samples

@@ -29,7 +29,7 @@ from enum import Enum
 
 import torch
 
-from ..peft_ext import GaussianLoraA, head_lora, replace_lora_A, stochastic_layers
+from ..peft_ext import GaussianLoraA, device_generator, head_lora, replace_lora_A, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
@@ -147,9 +147,9 @@ def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_sampl
     # (R, K, V) at the posterior mean, and the LM-head input (R, K, H) at the same positions
     vocab, h = scorer.forward_vocab(model, batch, capture=head.layer)
     A_std = head.lora_A.std()
-    out = []
+    out, gen = [], device_generator(generator, A_std.device)
     for _ in range(n_samples):
-        eps = torch.randn(A_std.shape, generator=generator, dtype=torch.float32).to(A_std.device, A_std.dtype)
+        eps = torch.randn(A_std.shape, generator=gen, device=A_std.device, dtype=torch.float32).to(A_std.dtype)
         delta = head.lora_B(torch.nn.functional.linear(h.to(A_std.dtype), A_std * eps)) * head.scaling
         out.append(scorer.logits_from_vocab(vocab + delta.to(vocab.dtype), batch))
     return torch.stack(out)

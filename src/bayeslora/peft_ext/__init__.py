@@ -12,6 +12,7 @@ from .stochastic import (
     GaussianLoraA,
     SamplingState,
     StochasticLoraA,
+    device_generator,
     lora_layers,
     posterior_state,
     replace_lora_A,
@@ -22,9 +23,8 @@ from .stochastic import (
 )
 
 __all__ = ["HeadLora", "activate_adapter", "adapter_names", "adapter_rows", "head_lora",
-           "GaussianLoraA", "SamplingState", "StochasticLoraA", "lora_layers", "posterior_state", "replace_lora_A",
-           "replace_lora_B", "row_questions",
-           "sample_groups", "stochastic_layers"]
+           "GaussianLoraA", "SamplingState", "StochasticLoraA", "device_generator", "lora_layers", "posterior_state",
+           "replace_lora_A", "replace_lora_B", "row_questions", "sample_groups", "stochastic_layers"]
 
 import warnings
 

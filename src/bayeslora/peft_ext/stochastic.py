@@ -10,6 +10,20 @@ import torch
 from torch import nn
 
 
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator that draws directly on ``device``: on CPU ``generator`` itself; on an accelerator a generator of
+    that device seeded with one draw from ``generator`` (deterministic given it).
+
+    Drawing on the host and copying the noise over would make each stochastic layer wait for the device (a blocking
+    copy), which on a GPU cost more than the layers' own arithmetic (``bench speed``: BLoB's training step was
+    2.35x MLE's on a Llama-2-7B shape).
+    """
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @dataclass
 class SamplingState:
     """Active sampling: *question* ``q`` uses weight sample ``groups[q]`` (of ``n_groups``).
@@ -36,14 +50,23 @@ class SamplingState:
             raise RuntimeError(f"The sampling context maps {rows.shape[0]} rows but the batch has {n_rows}")
         return self.groups[rows.to(self.groups.device)]
 
+    def draw(self, fn: Callable, shape: tuple[int, ...], device) -> torch.Tensor:
+        """``fn(shape)`` (``torch.randn`` / ``torch.rand``) in float32 on ``device``, from the context's randomness
+        (see :func:`device_generator`; one device generator per context)."""
+        device = torch.device(device)
+        key = ("generator", device)
+        if key not in self.cache:
+            self.cache[key] = device_generator(self.generator, device)
+        return fn(shape, generator=self.cache[key], device=device, dtype=torch.float32)
+
     def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         key = id(layer)
         if key not in self.cache:
             n = (self.n_groups + 1) // 2 if self.antithetic else self.n_groups
-            eps = torch.randn((n, *shape), generator=self.generator, device="cpu", dtype=torch.float32)
+            eps = self.draw(torch.randn, (n, *shape), device)
             if self.antithetic:
                 eps = torch.cat([eps, -eps])[:self.n_groups]
-            self.cache[key] = eps.to(device=device, dtype=dtype)
+            self.cache[key] = eps.to(dtype=dtype)
         return self.cache[key]
 
 
@@ -82,7 +105,8 @@ class GaussianLoraA(StochasticLoraA):
     def __init__(self, linear: nn.Linear, rho: torch.Tensor, std_fn: Callable[[torch.Tensor], torch.Tensor],
                  trainable: bool = True):
         super().__init__(linear)
-        self.rho = nn.Parameter(rho.to(linear.weight.dtype).clone(), requires_grad=trainable)
+        self.rho = nn.Parameter(rho.to(device=linear.weight.device, dtype=linear.weight.dtype).clone(),
+                                requires_grad=trainable)
         self.std_fn = std_fn
 
     def std(self) -> torch.Tensor:
