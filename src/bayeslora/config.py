@@ -5,19 +5,30 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from .methods.base import AdapterConfig
 from .models import DEFAULT_MODEL, TINY_MODEL, resolve_spec
 from .scoring import ChoiceFormat
 
 # Small models answer much better in the cloze format than by letter (SmolLM2-135M zero-shot on ARC-E: ~46% vs
-# ~31%; on the built-in task: 40% vs chance); large models follow the papers' letter protocol.
+# ~31%; on the built-in task: 40% vs chance; fine-tuned by letter on all of ARC-E on a GPU it stayed at chance,
+# docs/FINDINGS.md); large models follow the papers' letter protocol. ``auto`` decides by the loaded model's size,
+# so the same model gets the same format whether it is named by its spec, a .gguf path or a directory.
 CLOZE_BY_DEFAULT = {DEFAULT_MODEL, TINY_MODEL}
+CLOZE_MAX_PARAMS = 1_000_000_000  # ``auto``: cloze below this many parameters, letter from it on
 
 
-def resolve_format(fmt: str, model_spec: str) -> str:
-    if fmt == "auto":
-        return ChoiceFormat.CLOZE.value if resolve_spec(model_spec) in CLOZE_BY_DEFAULT else ChoiceFormat.LETTER.value
-    return ChoiceFormat(fmt).value
+def resolve_format(fmt: str, model_spec: str, model: torch.nn.Module | None = None) -> str:
+    """``letter`` / ``cloze`` as given; ``auto``: cloze for a ``model`` under :data:`CLOZE_MAX_PARAMS` parameters
+    (without the model: for the built-in small specs only)."""
+    if fmt != "auto":
+        return ChoiceFormat(fmt).value
+    if model is not None:
+        small = sum(p.numel() for p in model.parameters()) < CLOZE_MAX_PARAMS
+    else:
+        small = resolve_spec(model_spec) in CLOZE_BY_DEFAULT
+    return ChoiceFormat.CLOZE.value if small else ChoiceFormat.LETTER.value
 
 
 class ConfigError(ValueError):
@@ -52,7 +63,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
-        self.format = resolve_format(self.format, self.model)
+        if self.format != "auto":  # auto is resolved by the training loop, which has the model
+            self.format = resolve_format(self.format, self.model)
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples, write_evaluation
 from .io_utils import atomic_write_text
 from .methods import build_method
@@ -32,7 +32,7 @@ EVAL_SETS = (("arith", "in-distribution"), ("arith-ood", "out-of-distribution"))
 def _base_run(model_spec: str, fmt: str, max_length: int) -> Run:
     loaded = load_model(model_spec)
     return Run(model=loaded.model, tokenizer=loaded.tokenizer, method=build_method("mle"),
-               scorer=make_scorer(fmt, loaded.tokenizer, max_length))
+               scorer=make_scorer(resolve_format(fmt, model_spec, loaded.model), loaded.tokenizer, max_length))
 
 
 def _evaluate_all(run: Run, label: str, sets: dict, out: Path) -> dict:
@@ -79,7 +79,7 @@ def run_demo(out: Path, model: str = "smollm2-135m", steps: int = 60, eval_limit
     out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(model=model, dataset="arith", max_steps=steps, seed=seed, save_every=0)
     sets = {name: load_task(name, "validation", limit=eval_limit) for name, _ in EVAL_SETS}
-    print(f"[demo] zero-shot evaluation of {model} ({config.format} format) on {', '.join(sets)}", flush=True)
+    print(f"[demo] zero-shot evaluation of {model} on {', '.join(sets)}", flush=True)
     results = {"before fine-tuning": _evaluate_all(_base_run(model, config.format, config.max_length),
                                                    "base", sets, out)}
     for method in methods:

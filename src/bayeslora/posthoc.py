@@ -110,7 +110,7 @@ def resolve_source(source: str | Path, model: str | None = None) -> AdapterSourc
     spec = model or summary.get("base_model")
     if not spec:
         raise PosthocError(f"{source} is a plain PEFT adapter without a base model name: pass --model SPEC")
-    return AdapterSource(adapter_dir=source, model=spec, format=resolve_format("auto", spec), max_length=256,
+    return AdapterSource(adapter_dir=source, model=spec, format="auto", max_length=256,
                          dataset=None, kind="peft", method=None, adapter=summary)
 
 
@@ -173,7 +173,8 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     loaded = load_model(src.model)
     peft_model = load_adapter(loaded.model, src.adapter_dir)
     peft_model.eval()
-    scorer = make_scorer(src.format, loaded.tokenizer, max_length=src.max_length)
+    fmt = resolve_format(src.format, src.model, loaded.model)
+    scorer = make_scorer(fmt, loaded.tokenizer, max_length=src.max_length)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     extra = {}
     if meth.tune_split is not None:
@@ -181,7 +182,7 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     t0 = time.perf_counter()
     fitted = meth.fit(peft_model, scorer, examples, batch_size=batch_size, generator=generator, **extra)
     fit_time = time.perf_counter() - t0
-    info = {"model": loaded.spec, "format": src.format, "max_length": src.max_length, "method": meth.name,
+    info = {"model": loaded.spec, "format": fmt, "max_length": src.max_length, "method": meth.name,
             "method_config": meth.config.to_dict(), "adapter": {k: v for k, v in src.adapter.items()
                                                                 if k != "base_model"},
             "dataset": dataset, "n_choices": max(ex.n_choices for ex in examples), "status": "done",

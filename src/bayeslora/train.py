@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
+from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples
 from .io_utils import atomic_dir, atomic_write_text
 from .methods import BayesianMethod, build_method
@@ -144,6 +144,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     torch.manual_seed(config.seed)  # PEFT initializes LoRA with the global RNG: same init on every process
     loaded = load_model(config.model, device=accelerator.device)
     model = method.prepare(loaded.model, config.adapter)
+    config.format = resolve_format(config.format, config.model, loaded.model)
     scorer = make_scorer(config.format, loaded.tokenizer, config.max_length)
     n_choices = max(ex.n_choices for ex in train_set)
     total = config.n_steps(len(train_set))

@@ -102,7 +102,7 @@ def _setup(config: SpeedConfig, method_name: str):
     loaded = load_model(config.model)
     method = build_method(method_name)
     model = method.prepare(loaded.model, AdapterConfig())
-    scorer = make_scorer(resolve_format("auto", config.model), loaded.tokenizer, max_length=256)
+    scorer = make_scorer(resolve_format("auto", config.model, loaded.model), loaded.tokenizer, max_length=256)
     return method, model, scorer
 
 

@@ -102,7 +102,7 @@ def base_run(model_spec: str | None = None, max_length: int = 512) -> Run:
     from ..scoring import make_scorer
 
     loaded = load_model(model_spec)
-    fmt = resolve_format("auto", loaded.spec)
+    fmt = resolve_format("auto", loaded.spec, loaded.model)
     scorer = make_scorer(fmt, loaded.tokenizer, max_length=max_length)
     info = {"model": loaded.spec, "method": "mle", "format": fmt, "adapter": None}
     return Run(model=loaded.model, tokenizer=loaded.tokenizer, method=build_method("mle", {}), scorer=scorer,
