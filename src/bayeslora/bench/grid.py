@@ -106,6 +106,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            datasets=("arc-e",), seeds=(1,),
            method_options={"laplace": {"n_samples": 50},
                            "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
+    # One GPU lease (30 min on an H100, shared with the speed benchmarks): all of ARC-E's 2251 training questions,
+    # 400 steps of 16 (2.8 epochs; on a GPU a SmolLM2 step costs the same at batch 8 and 128), lr 3e-4, the full
+    # validation (570) and test (2376) sets, each method's own defaults (10 posterior samples; Laplace on 500
+    # questions with its prior tuned on 200 validation questions; TFB on 500 anchors).
+    Preset("gpu-arc-e", "One-GPU protocol for SmolLM2-135M: ARC-E, all 2251 training questions, 400 steps of 16 at "
+           "lr 3e-4 (2.8 epochs), full validation and test sets, each method's default posterior samples and fit "
+           "sizes, seeds 1-3", max_steps=400, batch_size=16, lr=3e-4, warmup_ratio=0.06, max_length=256,
+           train_limit=None, eval_limit=None, fit_limit=None, eval_batch_size=16, datasets=("arc-e",),
+           seeds=(1, 2, 3)),
     # The BLoB paper's protocol (reference scripts scripts/*/...-llama-all.sh): 5000 steps of batch 4, lr 1e-4,
     # warmup 6%, 300 tokens, LoRA r 8 / alpha 16 on q, v and the LM head, seeds 1-3, full evaluation sets.
     Preset("full", "The papers' protocol for a GPU: 5000 steps of 4 questions, lr 1e-4, full evaluation sets, "
