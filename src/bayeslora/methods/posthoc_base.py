@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,22 @@ def subsample(examples: list, n: int | None, generator: torch.Generator | None) 
         return list(examples)
     idx = torch.randperm(len(examples), generator=generator)[:n].sort().values
     return [examples[i] for i in idx.tolist()]
+
+
+@contextlib.contextmanager
+def in_float32(model: torch.nn.Module):
+    """Run the block with ``model``'s half-precision (bfloat16 / float16) parameters and buffers in float32, then
+    give each tensor back its own dtype (a bf16 value survives the round trip exactly; float32 adapters stay as they
+    are). Costs a float32 copy of the half-precision weights while the block runs."""
+    half = (torch.bfloat16, torch.float16)
+    changed = [(t, t.dtype) for t in (*model.parameters(), *model.buffers()) if t.dtype in half]
+    try:
+        for t, _ in changed:
+            t.data = t.data.float()
+        yield model
+    finally:
+        for t, dtype in changed:
+            t.data = t.data.to(dtype)
 
 
 def batches(examples: list, batch_size: int):
