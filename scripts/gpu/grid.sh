@@ -14,4 +14,4 @@ for s in 1 2 3; do
 done
 wait
 tail -n 6 /root/runs/log-s*.txt; ls /root/runs/gpu-s*/cells/ | grep json
-cd /root/runs && find . -type f -size -1M -print0 | tar czf "$OUT/gpu-grid.tgz" --null -T - && ls -la "$OUT"
+cd /root/runs && find . -type f -size -2000k -print0 | tar czf "$OUT/gpu-grid.tgz" --null -T - && ls -la "$OUT"
