@@ -100,6 +100,24 @@ def test_blob_head_predictive_needs_a_head_lora(examples):
         build_method("blob", {"predictive": "laplace"})
 
 
+def test_blob_kl_is_the_sum_of_its_layers_kl():
+    """The fused KL (one pass over all layers' concatenated parameters) equals the per-layer sum, gradients too."""
+    method, model, _ = _prepared("blob")
+    layers = method._layers
+    assert len(layers) > 1
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.rho.mul_(1.0 + 0.1 * i)  # layers differ
+    fused = method.kl()
+    fused.backward()
+    grads = [layer.rho.grad.clone() for layer in layers]
+    model.zero_grad()
+    per_layer = sum(gaussian_kl(layer.weight, layer.std(), method.config.prior_std) for layer in layers)
+    per_layer.backward()
+    assert torch.allclose(fused.double(), per_layer, rtol=1e-6)
+    assert all(torch.allclose(g, layer.rho.grad) for g, layer in zip(grads, layers, strict=True))
+
+
 def test_blob_kl_weighting_is_per_example():
     assert build_method("blob").kl_scale(200) == pytest.approx(1 / 200)
     assert build_method("blob", {"kl_weight": 8}).kl_scale(200) == pytest.approx(8 / 200)
