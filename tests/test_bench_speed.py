@@ -51,20 +51,26 @@ def test_bench_speed_posthoc_part(tmp_path):
     """One MLE epoch over the fit questions, then each post-hoc method fitted on them, as ratios to the epoch."""
     md, raw = tmp_path / "posthoc.md", tmp_path / "posthoc.json"
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "posthoc",
-                 "--posthoc-methods", "temperature,tfb", "--fit-questions", "8", "--batch-size", "4",
+                 "--posthoc-methods", "temperature,tfb:search=bisect:search_steps=2", "--fit-questions", "8",
+                 "--batch-size", "4",
                  "--md", str(md), "--json", str(raw)]) == 0
     rows = json.loads(raw.read_text())["posthoc"]
-    assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", "tfb"]
+    assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", "tfb:search=bisect:search_steps=2"]
+    assert rows[2]["details"]["n_evaluations"] <= 4  # the bisection's 2 + search_steps evaluations at most
     assert rows[0]["x_epoch"] == 1.0 and all(r["fit_s"] > 0 for r in rows)
     assert rows[1]["split"] == "validation" and rows[2]["split"] == "train" and rows[2]["n_examples"] == 8
     text = md.read_text()
-    assert "Post-hoc fit vs one MLE epoch" in text and "| tfb | train | 8 |" in text
+    assert "Post-hoc fit vs one MLE epoch" in text and "| tfb:search=bisect:search_steps=2 | train | 8 |" in text
+    assert "temperature " in text.split("| temperature |")[1].splitlines()[0]  # the fitted temperature is shown
 
 
 def test_bench_speed_posthoc_methods_must_be_posthoc(capsys):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
                  "--posthoc-methods", "blob"]) == 2
     assert "not post hoc" in capsys.readouterr().err
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
+                 "--posthoc-methods", "laplace:no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
 
 
 def test_peak_memory_growth_is_measured_from_the_reset():

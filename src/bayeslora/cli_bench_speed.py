@@ -35,7 +35,8 @@ def add_speed_command(bench) -> None:
                    "costs), scoring (cloze shared context vs one pass), posthoc (post-hoc fit time vs one MLE "
                    "epoch; not in the default: minutes on a CPU)")
     p.add_argument("--posthoc-methods", default="laplace,tfb,temperature",
-                   help="comma-separated post-hoc methods of the posthoc part")
+                   help="comma-separated post-hoc methods of the posthoc part, each NAME or "
+                        "NAME:KEY=VALUE[:KEY=VALUE] (e.g. laplace:prior=marglik)")
     p.add_argument("--fit-questions", type=int, default=64,
                    help="posthoc part: training questions of the MLE epoch and of the fits")
     p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
@@ -46,14 +47,16 @@ def add_speed_command(bench) -> None:
 
 
 def _cmd_speed(args) -> int:
-    from .bench.speed import SpeedConfig, run_speed, write_speed
-    from .methods import get_method_class
+    from .bench.speed import SpeedConfig, posthoc_entry, run_speed, write_speed
+    from .methods import build_method, get_method_class
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     posthoc = [m.strip() for m in args.posthoc_methods.split(",") if m.strip()]
-    for name in methods + posthoc:
+    for name in methods:
         get_method_class(name)  # unknown names fail before any measurement
-    for name in posthoc:
+    for entry in posthoc:
+        name, options = posthoc_entry(entry)
+        build_method(name, options)  # unknown names and options too
         if not getattr(get_method_class(name), "posthoc", False):
             raise ValueError(f"Method {name!r} is trained end to end, not post hoc: it cannot be in --posthoc-methods")
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,

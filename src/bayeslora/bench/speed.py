@@ -11,9 +11,9 @@
    cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
 4. Post-hoc fit cost (part ``posthoc``, not in the default parts: minutes on a CPU): an MLE adapter trained for
    exactly one epoch over the first ``fit_questions`` training questions (its training-loop time is the unit), then
-   each post-hoc method fitted to it on the same questions with its defaults (``bayeslora bayesianize``; Laplace
-   also tunes its prior on validation questions, temperature scaling fits on validation), each in its own
-   subprocess: fit time (model loading excluded) / the epoch, and the growth of the subprocess's peak memory over
+   each post-hoc method fitted to it on the same questions with its defaults, or the options of an entry
+   ``NAME:KEY=VALUE`` (``bayeslora bayesianize``; Laplace also tunes its prior on validation questions,
+   temperature scaling fits on validation), each in its own subprocess: fit time (model loading excluded) / the epoch, and the growth of the subprocess's peak memory over
    the whole fit (model loading included, unlike part 1).
 """
 
@@ -233,17 +233,34 @@ def measure_scoring(config: SpeedConfig) -> list[dict]:
     return rows
 
 
-def measure_posthoc_fit(config: SpeedConfig, method_name: str, source: str, out: str) -> dict:
-    """Fit ``method_name`` to the MLE run ``source`` on the first ``fit_questions`` questions (run in a fresh
-    process): the fit's own time (``run.json``), its peak-memory growth and what it fitted."""
+#: fitted values of a post-hoc fit (``run.json``) shown next to its time
+FIT_DETAILS = ("curvature_time_s", "prior_time_s", "prior_precision", "n_fit", "n_val", "sigma", "n_evaluations",
+               "temperature")
+
+
+def posthoc_entry(entry: str) -> tuple[str, dict]:
+    """A ``--posthoc-methods`` entry, ``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (options of the method's
+    config, e.g. ``laplace:prior=marglik``), as ``(name, options)``."""
+    from .variants import parse_option
+
+    name, *pairs = entry.split(":")
+    return name.strip(), dict(parse_option(p.strip()) for p in pairs)
+
+
+def measure_posthoc_fit(config: SpeedConfig, entry: str, source: str, out: str) -> dict:
+    """Fit the post-hoc method of ``entry`` (:func:`posthoc_entry`) to the MLE run ``source`` on the first
+    ``fit_questions`` questions (run in a fresh process): the fit's own time (``run.json``), its peak-memory
+    growth and what it fitted."""
     from ..posthoc import bayesianize
 
+    name, options = posthoc_entry(entry)
     start = _peak_start()
-    run = bayesianize(source, method_name, out, dataset=config.dataset, data_dir=config.data_dir,
+    run = bayesianize(source, name, out, dataset=config.dataset, data_dir=config.data_dir, options=options,
                       limit=config.fit_questions, batch_size=config.batch_size)
     fit = json.loads((Path(run) / "run.json").read_text())["fit"]
-    return {"method": method_name, "fit_s": fit["time_s"], "peak_mib": _peak_growth_mib(start),
-            "n_examples": fit.get("n_examples"), "split": fit.get("split")}
+    return {"method": entry, "fit_s": fit["time_s"], "peak_mib": _peak_growth_mib(start),
+            "n_examples": fit.get("n_examples"), "split": fit.get("split"),
+            "details": {k: fit[k] for k in FIT_DETAILS if k in fit}}
 
 
 def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
@@ -262,9 +279,9 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
         rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
                  "n_examples": config.fit_questions, "split": "train"}]
-        for method in config.posthoc_methods:
-            log(f"[speed] posthoc: {method}")
-            rows.append(_subprocess("--posthoc-fit", config, method, str(source), str(Path(tmp) / method)))
+        for i, entry in enumerate(config.posthoc_methods):
+            log(f"[speed] posthoc: {entry}")
+            rows.append(_subprocess("--posthoc-fit", config, entry, str(source), str(Path(tmp) / f"fit{i}")))
     for row in rows:
         row["x_epoch"] = row["fit_s"] / epoch
     return rows
@@ -381,15 +398,19 @@ def _scoring_lines(result: dict) -> list[str]:
 def _posthoc_lines(result: dict) -> list[str]:
     c = result["config"]
     lines = [f"Post-hoc fit vs one MLE epoch over the first {c['fit_questions']} `{c['dataset']}` training questions "
-             f"(batch {c['batch_size']}; each method with its defaults on the same questions, in its own subprocess; "
+             f"(batch {c['batch_size']}; each method with its defaults but the options its row names, on the same "
+             "questions, in its own subprocess; "
              "fit time excludes model loading; peak memory: growth over the whole fit, model loading included):", ""]
     if "posthoc" not in result:
         return [*lines, _missing("posthoc"), ""]
-    lines += ["| fit | split | questions | seconds | x MLE epoch | peak MiB |", "|---|---|---|---|---|---|"]
+    lines += ["| fit | split | questions | seconds | x MLE epoch | peak MiB | fitted |",
+              "|---|---|---|---|---|---|---|"]
     for r in result["posthoc"]:
         peak = "–" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
+        details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in r.get("details", {}).items()) or "–"
         lines.append(f"| {r['method']} | {r['split']} | {r['n_examples']} | {r['fit_s']:.1f} | {r['x_epoch']:.2f} | "
-                     f"{peak} |")
+                     f"{peak} | {details} |")
     return [*lines, ""]
 
 
