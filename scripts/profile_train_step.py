@@ -4,7 +4,8 @@ ratio). One process, one model load per method, the batch of ``bayeslora bench s
     python scripts/profile_train_step.py --method sgp --targets q_proj,k_proj,v_proj,lm_head
 
 Prints the median step time of MLE and of the method over ``--steps`` steps (after one warm-up), their ratio,
-and the top operators of one profiled step of each (self CPU time, call counts).
+the aten operators dispatched in one profiled step, and its top operators (self CPU time, call counts; on CUDA
+also by device time).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: in
     with torch.profiler.profile() as prof:
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     print(f"\n## {method_name}: median step {statistics.median(times):.3f} s over {steps} steps "
-          f"({', '.join(f'{t:.2f}' for t in times)}), {trainable:,} trainable parameters")
+          f"({', '.join(f'{t:.2f}' for t in times)}), {trainable:,} trainable parameters, {n_ops:,} aten ops "
+          "dispatched in the profiled step (each a kernel launch or more on a GPU, views aside)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
     if device.type == "cuda":
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
