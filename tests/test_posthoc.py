@@ -199,6 +199,24 @@ def test_tfb_search_edges():
         build_method("tfb", {"search": "golden"})
 
 
+def test_tfb_per_anchor_tolerance_allows_n_anchor_times_the_change(mle_run, tmp_path):
+    """The reference code's rule divides the relative change by the anchor count: a larger sigma, whose anchor NLL
+    changes by up to tau * n_anchor."""
+    fits = {}
+    for tolerance in ("relative", "per-anchor"):
+        _, run = _fit_in_memory("tfb", {**TFB_FAST, "tolerance": tolerance}, mle_run, tmp_path / tolerance)
+        fits[tolerance] = run.info["fit"]
+    rel, per = fits["relative"], fits["per-anchor"]
+    assert rel["allowed_change"] == 0.003 and per["allowed_change"] == pytest.approx(0.003 * per["n_anchor"])
+    assert per["sigma"] > rel["sigma"] > 0
+    change = abs(per["anchor_nll"] - per["anchor_nll0"]) / per["anchor_nll0"]
+    assert 0.003 < change <= per["allowed_change"]
+    from bayeslora.methods import build_method
+
+    with pytest.raises(ValueError, match="tolerance"):
+        build_method("tfb", {"tolerance": "absolute"})
+
+
 def test_tfb_bisect_fit(mle_run, tmp_path):
     _, run = _fit_in_memory("tfb", {**TFB_FAST, "search": "bisect"}, mle_run, tmp_path)
     assert run.info["fit"]["n_evaluations"] == 2 + 3

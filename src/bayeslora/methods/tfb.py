@@ -25,6 +25,16 @@ The search (``search``):
 A half-precision (bfloat16) model is searched in float32 (``search_dtype``): in bfloat16 any sigma > 0 moves the
 anchor NLL by the rounding of the perturbed sums, more than ``tau`` (SmolLM2 on the CPU: 0.67% at sigma 1e-4 and
 0.62% at 1e-3, against 8e-7 and 1.3e-4 in float32), so on an H100 every search ended at sigma = 0.
+
+The tolerance (``tolerance``):
+
+- ``relative`` (default; the paper's text and our issue): ``|NLL(sigma) - NLL(0)| / NLL(0) <= tau``.
+- ``per-anchor`` (the reference code's rule, ``Wang-ML-Lab/bayesian-peft``, ``modelwrappers/tfblora.py``): that
+  relative change is divided by the number of anchors before it is compared with ``tau``, so the change allowed is
+  ``tau * n_anchor`` (with its scripts' ``th = 0.003`` and 500 anchors: 150%). Its scripts also cap sigma at
+  0.015 (their ``--bayes-beta``; here ``sigma_max=0.015``). With the relative rule an adapter that is
+  overconfident on its anchors stays overconfident; the per-anchor rule is what lets the reference's TFB spread
+  its predictions.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from .posthoc_base import PosthocMethod, batches, in_float32, subsample
 from .registry import register_method
 
 SEARCHES = ("secant", "bisect")
+TOLERANCES = ("relative", "per-anchor")
 
 
 @dataclass
@@ -52,6 +63,8 @@ class TFBConfig(MethodConfig):
                                                                    "evaluation budget is search_steps + 2"})
     search: str = field(default="secant", metadata={"help": "secant (antithetic samples, power-law steps) | bisect "
                                                             "(the paper's bisection in log sigma)"})
+    tolerance: str = field(default="relative", metadata={"help": "relative (|change| / NLL(0) <= tau) | per-anchor "
+                                                                  "(the reference code's: that ratio / n_anchor <= tau)"})
     sigma_min: float = field(default=1e-5, metadata={"help": "lower end of the sigma search"})
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
     search_dtype: str = field(default="float32", metadata={"help": "float32 (a half-precision model is searched in "
@@ -69,6 +82,8 @@ class TFBConfig(MethodConfig):
             raise MethodError(f"Expected `search_dtype` in ['float32', 'model'], but got {self.search_dtype!r}")
         if self.search not in SEARCHES:
             raise MethodError(f"Unknown `search` {self.search!r}; expected one of {', '.join(SEARCHES)}")
+        if self.tolerance not in TOLERANCES:
+            raise MethodError(f"Unknown `tolerance` {self.tolerance!r}; expected one of {', '.join(TOLERANCES)}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise MethodError(f"Expected 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r}, {self.sigma_max!r}")
 
@@ -168,18 +183,19 @@ class TFB(PosthocMethod):
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's anchor NLL is {nll0}: the source adapter is broken (NaN weights?)")
         evaluations: list[tuple[float, float]] = []
+        per = len(anchors) if cfg.tolerance == "per-anchor" else 1
 
         def rel_change(sigma: float) -> float:
             self._set_sigma(scales, sigma)
             nll = self._anchor_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed)
             evaluations.append((sigma, nll))
-            return abs(nll - nll0) / max(nll0, 1e-12)
+            return abs(nll - nll0) / max(nll0, 1e-12) / per
 
         sigma = (self._secant if cfg.search == "secant" else self._bisect)(rel_change)
         self._set_sigma(scales, sigma)
         best = next((nll for s, nll in reversed(evaluations) if s == sigma), nll0)
         return {"sigma": sigma, "anchor_nll0": nll0, "anchor_nll": best, "n_anchor": len(anchors),
-                "n_evaluations": len(evaluations)}
+                "n_evaluations": len(evaluations), "allowed_change": cfg.tau * per}
 
     def _bisect(self, rel_change) -> float:
         """Largest sigma in [sigma_min, sigma_max] with rel_change(sigma) <= tau (bisection in log sigma, assuming
