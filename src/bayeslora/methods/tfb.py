@@ -63,8 +63,8 @@ class TFBConfig(MethodConfig):
                                                                    "evaluation budget is search_steps + 2"})
     search: str = field(default="secant", metadata={"help": "secant (antithetic samples, power-law steps) | bisect "
                                                             "(the paper's bisection in log sigma)"})
-    tolerance: str = field(default="relative", metadata={"help": "relative (|change| / NLL(0) <= tau) | per-anchor "
-                                                                  "(the reference code's: that ratio / n_anchor <= tau)"})
+    tolerance: str = field(default="relative", metadata={
+        "help": "relative (|change| / NLL(0) <= tau) | per-anchor (reference code: ratio / n_anchor <= tau)"})
     sigma_min: float = field(default=1e-5, metadata={"help": "lower end of the sigma search"})
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
     search_dtype: str = field(default="float32", metadata={"help": "float32 (a half-precision model is searched in "
