@@ -224,3 +224,42 @@ def test_noise_is_drawn_on_the_layer_device_deterministically():
     expected = torch.randn((4, 5), generator=torch.Generator().manual_seed(3))
     state = SamplingState(groups=torch.arange(4), n_groups=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(state.draw(torch.randn, (4, 5), "cpu"), expected)  # CPU runs keep their earlier samples
+
+
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_one_sample_per_question_needs_no_index_and_matches_explicit_groups(with_rows):
+    """``groups=None`` (training, batched prediction) gives the same outputs and gradients as the explicit
+    ``groups=arange(B)``, with no gather in the forward when rows are questions; with a row-to-question map the
+    index is built once per forward and shared by the layers."""
+    from bayeslora.peft_ext import sample_groups
+    from bayeslora.peft_ext.stochastic import GaussianLoraA
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*(GaussianLoraA(torch.nn.Linear(6, 6, bias=False), torch.full((6, 6), 0.3),
+                                                 lambda r: r * r) for _ in range(2)))
+    x = torch.randn(6 if with_rows else 3, 5, 6)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    results = []
+    for groups in (torch.arange(3), None):
+        layers.zero_grad()
+        with sample_groups(layers, groups, n_groups=3, generator=torch.Generator().manual_seed(1)) as state:
+            if with_rows:
+                state.rows = rows
+            with torch.profiler.profile() as prof:
+                out = layers(x)
+            out.square().sum().backward()
+        ops = {e.key: e.count for e in prof.key_averages()}
+        results.append((out.detach(), [layer.rho.grad.clone() for layer in layers], ops))
+        if groups is None and not with_rows:
+            assert "aten::index_select" not in ops and "aten::index" not in ops
+        if with_rows:
+            assert len([k for k in state.cache if isinstance(k, tuple) and k[0] == "rows"]) == 1  # both layers
+    (out_a, grads_a, _), (out_b, grads_b, _) = results
+    torch.testing.assert_close(out_a, out_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b)
+    with sample_groups(layers, None, n_groups=2) as state, pytest.raises(RuntimeError, match="2 samples"):
+        layers(torch.randn(3, 5, 6))
+    with pytest.raises(ValueError, match="n_groups"):
+        with sample_groups(layers, None):
+            pass

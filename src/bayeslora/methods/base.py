@@ -115,8 +115,7 @@ class BayesianMethod:
     # -- training -------------------------------------------------------------------------------------------
     def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
         """Mean cross-entropy of the training batch (one posterior sample per question where there is one)."""
-        groups = torch.arange(batch.n_questions, device=batch.labels.device)
-        with self.sampling(model, groups, generator=generator):
+        with self.sampling(model, None, n_groups=batch.n_questions, generator=generator):
             logits = scorer.choice_logits(model, batch)
         return torch.nn.functional.cross_entropy(logits, batch.labels)
 
@@ -135,9 +134,10 @@ class BayesianMethod:
         return {}
 
     # -- prediction -----------------------------------------------------------------------------------------
-    def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
+    def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
                  generator: torch.Generator | None = None, antithetic: bool = False):
-        """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``.
+        """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``
+        (``groups=None``: sample ``b``, one per question, ``n_groups`` of them).
 
         Used for training (one sample per question), batched prediction (a batch repeated S times, one group per
         copy) and generation (S copies of a prompt decoded together). Default: the stochastic LoRA layers of
@@ -175,12 +175,11 @@ class BayesianMethod:
         """
         B = batch.n_questions
         if batched:
-            groups = torch.arange(n_samples * B, device=batch.labels.device)
-            with self.sampling(model, groups, generator=generator, antithetic=antithetic):
+            with self.sampling(model, None, n_groups=n_samples * B, generator=generator, antithetic=antithetic):
                 return scorer.choice_logits(model, batch.repeat(n_samples)).view(n_samples, B, -1)
         out = []
         for _ in range(n_samples):
-            with self.sampling(model, torch.arange(B, device=batch.labels.device), generator=generator):
+            with self.sampling(model, None, n_groups=B, generator=generator):
                 out.append(scorer.choice_logits(model, batch))
         return torch.stack(out)
 

@@ -96,11 +96,13 @@ class Ensemble(BayesianMethod):
                 out.append(scorer.choice_logits(model, batch))
         return torch.stack(out)
 
-    def sampling(self, model, groups: torch.Tensor, n_groups: int | None = None,
+    def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
                  generator: torch.Generator | None = None, antithetic: bool = False):
-        """Question ``q`` uses member ``groups[q] mod K``."""
+        """Question ``q`` uses member ``groups[q] mod K`` (``groups=None``: member ``q mod K``)."""
         if antithetic:
             raise MethodError("Ensemble members have no antithetic mirror images")
+        if groups is None:
+            groups = torch.arange(n_groups)
         if groups.numel() == 0:
             return contextlib.nullcontext()
         names = self.members

@@ -38,7 +38,7 @@ class DropoutLoraA(StochasticLoraA):
         state = self._sampling
         if state is None or self.p == 0.0:
             return nn.functional.linear(x, self.weight)
-        per_row = self.masks(state, x.device, x.dtype)[state.row_groups(x.shape[0]).to(x.device)]  # (R, d_in)
+        per_row = state.per_row(self.masks(state, x.device, x.dtype), x.shape[0])  # (R, d_in)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         return nn.functional.linear(x * per_row.view(shape), self.weight)
 

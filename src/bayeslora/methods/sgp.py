@@ -196,7 +196,7 @@ class SGPLoraFactor(StochasticLoraA):
             u, _ = self.apply_flow(u0)
             lam = self.lamda()
             v = u - lam * whitened_inducing_noise(rows, cols, e1, e2, e3, e4)  # (G, m_r, m_c)
-            groups = state.row_groups(x.shape[0]).to(x.device)
+            groups = state.row_groups(x.shape[0]).to(x.device)  # (R,)
             out = per_group_matmul(xc, v.transpose(1, 2), groups) @ rows.Q.T
             out = out + lam * per_group_matmul(flat, e1.transpose(1, 2), groups)
             if torch.is_grad_enabled():
@@ -269,6 +269,6 @@ class SGP(BayesianMethod):
         chunks = []
         for start in range(0, S, self.config.sample_chunk):
             s = min(self.config.sample_chunk, S - start)
-            with self.sampling(model, torch.arange(s * B, device=batch.labels.device), generator=generator):
+            with self.sampling(model, None, n_groups=s * B, generator=generator):
                 chunks.append(scorer.choice_logits(model, batch.repeat(s)).view(s, B, C))
         return Predictive.from_sample_logits(torch.cat(chunks))

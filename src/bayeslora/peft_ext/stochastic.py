@@ -26,7 +26,8 @@ def device_generator(generator: torch.Generator | None, device: torch.device) ->
 
 @dataclass
 class SamplingState:
-    """Active sampling: *question* ``q`` uses weight sample ``groups[q]`` (of ``n_groups``).
+    """Active sampling: *question* ``q`` uses weight sample ``groups[q]`` (of ``n_groups``); ``groups=None``: question
+    ``q`` uses sample ``q`` (one sample per question, as in training).
 
     A forward pass's rows are mapped to questions by ``rows`` (set by the scorer with :func:`row_questions`; when
     unset, row ``i`` is question ``i``), so all rows of a question (its cloze choices, its prompt and its
@@ -34,21 +35,53 @@ class SamplingState:
     cached, so several forwards inside one context see the same sample. ``antithetic``: the second half of the
     groups uses the negated noise of the first half (group ``g + ceil(n_groups / 2)`` mirrors group ``g``), so
     the odd-order terms of a sample average cancel exactly.
+
+    The row-to-sample index is computed once per forward (not once per layer), and not at all when it is the
+    identity (``groups=None`` and no ``rows``): each layer then uses its per-sample noise as it is, with no gather
+    and no scatter in its backward. Nothing here reads a device tensor back to the host.
     """
 
-    groups: torch.Tensor  # (B,) long: sample group of each question
+    groups: torch.Tensor | None  # (B,) long: sample group of each question; None: question q uses sample q
     n_groups: int
     generator: torch.Generator | None
     rows: torch.Tensor | None = None  # (R,) long: question of each row of the current forward
     cache: dict = field(default_factory=dict)
     antithetic: bool = False
 
+    def row_index(self, n_rows: int, device) -> torch.Tensor | None:
+        """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,), on ``device``; ``None``
+        when row ``i`` uses sample ``i``."""
+        if self.rows is None:
+            if self.groups is None:
+                if n_rows != self.n_groups:
+                    raise RuntimeError(f"The sampling context has {self.n_groups} samples (one per question) but "
+                                       f"the batch has {n_rows} rows and no row-to-question map")
+                return None
+            if self.groups.shape[0] != n_rows:
+                raise RuntimeError(f"The sampling context maps {self.groups.shape[0]} questions but the batch has "
+                                   f"{n_rows} rows")
+            return self.groups.to(device)
+        if self.rows.shape[0] != n_rows:
+            raise RuntimeError(f"The sampling context maps {self.rows.shape[0]} rows but the batch has {n_rows}")
+        key = ("rows", n_rows, torch.device(device))
+        hit = self.cache.get(key)
+        if hit is None or hit[0] is not self.rows:  # keyed on the rows object: forwards may map rows differently
+            rows = self.rows.to(device)
+            hit = (self.rows, rows if self.groups is None else self.groups.to(device)[rows])
+            self.cache[key] = hit
+        return hit[1]
+
     def row_groups(self, n_rows: int) -> torch.Tensor:
         """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,)."""
-        rows = self.rows if self.rows is not None else torch.arange(n_rows, device=self.groups.device)
-        if rows.shape[0] != n_rows:
-            raise RuntimeError(f"The sampling context maps {rows.shape[0]} rows but the batch has {n_rows}")
-        return self.groups[rows.to(self.groups.device)]
+        device = (self.rows if self.rows is not None else self.groups if self.groups is not None
+                  else torch.empty(0)).device
+        index = self.row_index(n_rows, device)
+        return torch.arange(n_rows, device=device) if index is None else index
+
+    def per_row(self, per_group: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """``per_group`` (G, ...) gathered to the rows of the current forward (R, ...); as it is for the identity."""
+        index = self.row_index(n_rows, per_group.device)
+        return per_group if index is None else per_group.index_select(0, index)
 
     def draw(self, fn: Callable, shape: tuple[int, ...], device) -> torch.Tensor:
         """``fn(shape)`` (``torch.randn`` / ``torch.rand``) in float32 on ``device``, from the context's randomness
@@ -114,7 +147,7 @@ class GaussianLoraA(StochasticLoraA):
 
     def noise_term(self, x: torch.Tensor, state: SamplingState) -> torch.Tensor:
         eps = state.noise(self, tuple(self.weight.shape), x.device, x.dtype)  # (G, r, d_in)
-        per_row = (self.std().to(x.dtype) * eps)[state.row_groups(x.shape[0]).to(x.device)]  # (R, r, d_in)
+        per_row = state.per_row(self.std().to(x.dtype) * eps, x.shape[0])  # (R, r, d_in)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (R, T, d_in)
         return torch.bmm(flat, per_row.transpose(1, 2)).reshape(*x.shape[:-1], per_row.shape[1])
 
@@ -182,14 +215,18 @@ def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def sample_groups(model: nn.Module, groups: torch.Tensor, n_groups: int | None = None,
+def sample_groups(model: nn.Module, groups: torch.Tensor | None, n_groups: int | None = None,
                   generator: torch.Generator | None = None, antithetic: bool = False) -> Iterator[SamplingState]:
     """Within the context, every stochastic layer of ``model`` samples one weight per group of questions.
 
-    ``groups`` (B,) gives each question's sample group: ``torch.arange(B)`` draws one sample per question (training;
-    or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`). ``antithetic``: mirrored noise
-    pairs (see :class:`SamplingState`); with a batch repeated an even S times, copy ``s + S / 2`` mirrors copy ``s``.
+    ``groups`` (B,) gives each question's sample group; ``None`` (with ``n_groups`` = B) draws one sample per
+    question (training; or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`) without any
+    index. ``antithetic``: mirrored noise pairs (see :class:`SamplingState`); with a batch repeated an even S
+    times, copy ``s + S / 2`` mirrors copy ``s``. Pass ``n_groups`` when ``groups`` is on an accelerator: otherwise
+    it is read back from the device (a synchronization).
     """
+    if groups is None and n_groups is None:
+        raise ValueError("sample_groups(groups=None) needs n_groups (the number of questions)")
     layers = stochastic_layers(model)
     state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
                           generator=generator, antithetic=antithetic)

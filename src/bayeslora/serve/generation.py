@@ -2,7 +2,7 @@
 
 One decoding step with ``S`` posterior samples (``S = 1``: deterministic):
 
-* the prompt is repeated ``S`` times and decoded inside ``method.sampling(model, groups=arange(S))``, so row ``s``
+* the prompt is repeated ``S`` times and decoded inside ``method.sampling(model, groups=None, n_groups=S)``, so row ``s``
   uses weight sample ``s`` for the whole sequence; one batched forward per step, with a KV cache;
 * the next-token distributions ``p_s`` (S, V) are averaged into the mean predictive ``p`` (V,);
 * the token is chosen from ``p`` (greedy at temperature 0, else sampled from ``p^(1/T)`` restricted to the
@@ -90,7 +90,7 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device).expand(S, -1).contiguous()  # (S, T)
     mask = torch.ones_like(ids)
-    sampling = (method.sampling(model, groups=torch.arange(S), n_groups=S, generator=generator)
+    sampling = (method.sampling(model, groups=None, n_groups=S, generator=generator)
                 if params.n_samples > 1 else contextlib.nullcontext())
     with sampling:
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
