@@ -242,3 +242,25 @@ def test_hand_over_files_of_a_killed_cell_are_not_rows(grid):
         grid_mod.write_results(grid["out"])
     finally:
         leftover.unlink()
+
+
+def test_git_commit_marks_uncommitted_source(tmp_path):
+    """A cell run on uncommitted code records ``COMMIT+dirty``, not the commit it does not match."""
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "m.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], check=True)
+    clean = grid_mod.git_commit(package)
+    assert clean != "unknown" and not clean.endswith("+dirty")
+    (package / "m.py").write_text("x = 2\n")
+    assert grid_mod.git_commit(package) == clean + "+dirty"
+    outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
+    outside.mkdir()
+    assert grid_mod.git_commit(outside) == "unknown"

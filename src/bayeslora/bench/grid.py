@@ -266,12 +266,20 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def git_commit() -> str:
-    """Short commit of the bayeslora source that runs (``unknown`` outside a git checkout)."""
+def git_commit(package: Path | None = None) -> str:
+    """Short commit of the bayeslora source that runs (``unknown`` outside a git checkout), with ``+dirty`` when
+    the package's files (or those under ``package``) differ from that commit: a cell run on uncommitted code must
+    not claim a commit."""
+    package = Path(package) if package is not None else Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+                             cwd=package)
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], capture_output=True, timeout=10,
+                              cwd=package)
+        return commit + "+dirty" if diff.returncode == 1 else commit
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
