@@ -17,6 +17,7 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert result["train"][0]["x_step"] == 1.0
     kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
     assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
+    assert ("antithetic pair (eps, -eps), one batched forward", 2) in kinds
     # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
                  "--steps", "1", "--repeats", "1", "--samples", "1,2", "--json", str(raw)]) == 0

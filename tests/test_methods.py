@@ -91,6 +91,24 @@ def test_blob_samples_mean_and_head_predictive(examples):
     assert torch.allclose(head[0], scorer.choice_logits(model, enc), atol=1e-5)
 
 
+def test_blob_antithetic_predictive_mirrors_its_samples(examples):
+    """Each pair's average cancels the first-order effect of the noise: it sits far closer to the posterior mean
+    than either sample (second order in sigma), and an odd sample count is refused."""
+    method, model, scorer = _prepared("blob", {"init_eps": 0.05, "predictive": "antithetic"})
+    enc = scorer.encode(examples[:4])
+    mean = scorer.choice_logits(model, enc)
+    pred = method.predict(model, scorer, enc, n_samples=4, generator=torch.Generator().manual_seed(0))
+    assert pred.sample_probs.shape == (4, 4, 4) and pred.epistemic.sum() > 0
+    logits = method.sample_logits(model, scorer, enc, 4, torch.Generator().manual_seed(0), antithetic=True)
+    assert torch.allclose(pred.sample_probs, torch.softmax(logits, -1), atol=1e-6)  # predict draws the pairs
+    for s in (0, 1):  # sample s + 2 mirrors sample s
+        first_order = (logits[s] - mean).abs().max()
+        assert first_order > 1e-3
+        assert ((logits[s] + logits[s + 2]) / 2 - mean).abs().max() < 0.1 * first_order
+    with pytest.raises(MethodError, match="even"):
+        method.predict(model, scorer, enc, n_samples=3)
+
+
 def test_blob_head_predictive_needs_a_head_lora(examples):
     method, model, scorer = _prepared("blob", {"predictive": "head"},
                                       AdapterConfig(target_modules=["q_proj", "v_proj"]))
@@ -187,6 +205,13 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert "rho_lr" in err
     assert main(["eval", str(run_dir), "--limit", "4", "--samples", "0"]) == 0  # no samples, no note
     assert "point mass" not in capsys.readouterr().err
+    # a prediction-time option overrides the saved one; a bad one is a clear error
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "2", "--option", "predictive=antithetic"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "3", "--option", "predictive=antithetic"]) == 2
+    assert "even" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--limit", "4", "--option", "predictive=nope"]) == 2
+    assert "predictive" in capsys.readouterr().err
 
 
 def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):

@@ -109,6 +109,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     p.add_argument("--seed", type=int, default=0, help="seed of posterior sampling")
     p.add_argument("--model", default=None, help="override the run's base model spec")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a prediction-time method option (repeatable), e.g. --option predictive=antithetic "
+                        "(blob) or --option link=probit (laplace)")
     _add_data_flags(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -124,6 +127,9 @@ def _cmd_eval(args) -> int:
         raise ValueError(f"{args.run_dir} does not record its training dataset: pass --dataset")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
     run = load_run(args.run_dir, model_spec=args.model)
+    if args.option:
+        config = run.method.config
+        run.method.config = type(config).from_dict({**config.to_dict(), **dict(_parse_option(o) for o in args.option)})
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
                                      seed=args.seed, progress=True)
     result.update(dataset=dataset, split=args.split, method=run.method.name, run_dir=str(args.run_dir))

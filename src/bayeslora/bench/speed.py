@@ -5,7 +5,8 @@
    reset to the current RSS just before the first step) up to after the last one (model loading excluded); on
    CUDA, ``torch.cuda.max_memory_allocated`` over the steps. One warm-up step is excluded from the timings.
 2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
-   as S sequential forwards vs ONE batched forward, and the cheap head predictive (trunk once + S head samples).
+   as S sequential forwards vs ONE batched forward, the cheap head predictive (trunk once + S head samples) and
+   one antithetic pair (eps, -eps) of full samples in one batched forward (``--option predictive=antithetic``).
    Median of ``repeats`` timed runs after one warm-up run.
 3. Cloze scoring of one batch with each question's shared context run once (prefix pass + continuations on its KV
    cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
@@ -177,6 +178,8 @@ def measure_predictive(config: SpeedConfig) -> list[dict]:
         s = max(config.samples)
         t = _timed(lambda: head_sample_logits(model, scorer, enc, s, g), config.repeats)
         rows.append({"predictive": "head (trunk once + LM-head samples)", "samples": s, "seconds": t})
+        t = _timed(lambda: method.sample_logits(model, scorer, enc, 2, g, antithetic=True), config.repeats)
+        rows.append({"predictive": "antithetic pair (eps, -eps), one batched forward", "samples": 2, "seconds": t})
     for row in rows:
         row["x_deterministic"] = row["seconds"] / base
     return rows
@@ -277,11 +280,13 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
                                    batch_size=config.batch_size, max_steps=steps, train_limit=config.fit_questions,
                                    save_every=0, seed=0), Path(tmp) / "mle", progress=False)
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
+        log(f"[speed] posthoc: MLE epoch {epoch:.1f} s")
         rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
                  "n_examples": config.fit_questions, "split": "train"}]
         for i, entry in enumerate(config.posthoc_methods):
             log(f"[speed] posthoc: {entry}")
             rows.append(_subprocess("--posthoc-fit", config, entry, str(source), str(Path(tmp) / f"fit{i}")))
+            log(f"[speed] posthoc: {entry} done: {json.dumps(rows[-1])}")  # kept in the log if a later fit is cut
     for row in rows:
         row["x_epoch"] = row["fit_s"] / epoch
     return rows

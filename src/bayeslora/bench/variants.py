@@ -2,7 +2,8 @@
 runs, and re-trained cells with one method option changed (ablations). Both reuse the grid's protocol, evaluation
 subsets and cell machinery, so their numbers sit next to the grid's::
 
-    python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=10 vs head S=10 vs mean, + MLE;
+    python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=2/10/40, antithetic S=2/10, head
+                                                                   # S=10, posterior mean; MLE;
                                                                    # sgp: S = 1, 4, 10, 32
     python -m bayeslora.bench.variants ablate runs/fewshot --method blob --option init_eps=0.3
     python -m bayeslora.bench.variants report runs/fewshot --md docs/results/methods.md
@@ -36,7 +37,10 @@ PREDICTIVE_FILE = "predictive.jsonl"
 PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
     "mle": [("deterministic", {}, 0)],
     "blob": [("MC S=10", {"predictive": "mc"}, 10), ("head S=10", {"predictive": "head"}, 10),
-             ("posterior mean", {}, 0)],
+             ("posterior mean", {}, 0), ("MC S=2", {"predictive": "mc"}, 2),
+             ("antithetic S=2", {"predictive": "antithetic"}, 2),
+             ("antithetic S=10", {"predictive": "antithetic"}, 10),
+             ("MC S=40", {"predictive": "mc"}, 40)],
     "sgp": [("S=1", {}, 1), ("S=4", {}, 4), ("S=10", {}, 10), ("S=32", {}, 32)],
 }
 REFERENCE = ("mle", "deterministic")

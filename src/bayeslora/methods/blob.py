@@ -19,6 +19,12 @@ steps at lr 1e-4-1e-3 (docs/results/methods.md measures this).
 ``A`` is resampled, ``S`` times, from the captured LM-head input ``h``: per sample the extra cost is
 ``scaling * B ((sigma * eps_s) h)``, ``V x r`` per position instead of a whole forward. It is exact MC for the head's
 uncertainty (the largest single LoRA in the model) and ignores the trunk's.
+
+``predictive = "antithetic"``: full weight samples like ``mc``, drawn as mirrored pairs (``eps``, ``-eps``) in one
+batched forward (S even; S = 2 is one pair). The average of a pair cancels every odd-order term of the samples'
+effect on the probabilities, so the first-order sampling noise that dominates a small independent-sample average is
+gone: with S = 2 it is the cheapest predictive that samples the trunk's LoRA layers too (docs/FINDINGS.md, finding 9,
+compares it with independent S = 10 on runs where sigma matters).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class BlobPredictive(str, Enum):
     """S full weight samples (every LoRA A), one batched forward."""
     HEAD = "head"
     """One deterministic forward; S samples of the LM head's A only (cheap)."""
+    ANTITHETIC = "antithetic"
+    """S full weight samples as S / 2 mirrored pairs (eps, -eps), one batched forward."""
 
 
 def squared(rho: torch.Tensor) -> torch.Tensor:
@@ -64,7 +72,8 @@ class BlobConfig(MethodConfig):
     prior_std: float = field(default=0.2, metadata={"help": "prior standard deviation beta of A"})
     kl_weight: float = field(default=1.0, metadata={"help": "multiplies the per-example KL / N (batch_size: the "
                                                              "reference's 1/M minibatch weighting)"})
-    predictive: str = field(default="mc", metadata={"help": "mc (full samples) or head (cheap: LM head only)"})
+    predictive: str = field(default="mc", metadata={"help": "mc (full samples), head (cheap: LM head only) or "
+                                                            "antithetic (full samples in mirrored pairs; S even)"})
     rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
                                                                   "Adam moves rho by about lr per step whatever the "
                                                                   "KL weight, so a short schedule needs a larger one "
@@ -138,6 +147,12 @@ class Blob(BayesianMethod):
         n = self.resolve_samples(n_samples)
         if n > 0 and self.config.predictive == BlobPredictive.HEAD.value:
             return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
+        if n > 0 and self.config.predictive == BlobPredictive.ANTITHETIC.value:
+            if n % 2:
+                raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be "
+                                  f"even, but got {n}")
+            return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
+                                                                    antithetic=True))
         return super().predict(model, scorer, batch, n, generator)
 
 
