@@ -311,10 +311,52 @@ def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
     assert (method.predict(model, scorer, enc).probs - map_probs).abs().max() > 1e-4
 
 
+def test_laplace_meanfield_link_is_shift_invariant_and_close_to_mc():
+    """The pairwise mean-field link: the binary probit on the logit difference for two choices, unchanged by a shift
+    of all logits (the plain probit is not), absent choices get 0, and on random 4-choice Gaussians it is closer to
+    the converged MC predictive than the probit."""
+    import math
+
+    from bayeslora.methods.laplace import meanfield_probs, probit_probs, sample_logit_gaussian
+
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(64, 4, generator=gen) * 2.0
+    L = torch.randn(64, 4, 4, generator=gen)
+    cov = L @ L.transpose(1, 2) + 0.1 * torch.eye(4)
+    mf = meanfield_probs(mean, cov)
+    assert torch.allclose(mf.sum(-1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(meanfield_probs(mean - 7.0, cov), mf, atol=1e-6)
+    assert not torch.allclose(probit_probs(mean - 7.0, cov), probit_probs(mean, cov), atol=1e-3)
+    mc = sample_logit_gaussian(mean, cov, 200_000, torch.Generator().manual_seed(1)).softmax(-1).mean(0)
+    assert (mf - mc).abs().mean() < 0.8 * (probit_probs(mean, cov) - mc).abs().mean()
+    two_mean, two_cov = mean[:, :2], cov[:, :2, :2]
+    d_var = two_cov[:, 0, 0] + two_cov[:, 1, 1] - 2 * two_cov[:, 0, 1]
+    binary = torch.sigmoid((two_mean[:, 0] - two_mean[:, 1]) / torch.sqrt(1 + math.pi / 8 * d_var))
+    assert torch.allclose(meanfield_probs(two_mean, two_cov)[:, 0], binary, atol=1e-5)
+    absent = mean.clone()
+    absent[:, 3] = -math.inf
+    probs = meanfield_probs(absent, cov)
+    assert torch.all(probs[:, 3] == 0) and torch.allclose(probs.sum(-1), torch.ones(64), atol=1e-5)
+
+
 def test_laplace_val_nll_prior(mle_run):
-    method, _, _ = _fitted_laplace(mle_run, subset="last_layer")  # the default
+    method, model, scorer = _fitted_laplace(mle_run, subset="last_layer")  # the default
     assert method.config.prior == "val_nll"
     assert method.tune_split == "validation" and 0 < method.prior_precision < float("inf")
+    # the default link: the mean-field probabilities, with logit samples for the uncertainty split
+    from bayeslora.methods.laplace import meanfield_probs
+
+    enc = scorer.encode(load_task("arith", "validation", limit=6))
+    mean, feats, gram = method._jacobian_features(model, scorer, enc)
+    pred = method.predict(model, scorer, enc, generator=torch.Generator().manual_seed(0))
+    assert method.config.link == "meanfield" and pred.sample_probs.shape == (50, 6, 4)
+    torch.testing.assert_close(pred.probs, meanfield_probs(mean, method._logit_cov(feats, gram,
+                                                                                   method.prior_precision)))
+    assert not torch.allclose(pred.probs, pred.sample_probs.mean(0)) and torch.all(pred.epistemic >= 0)
+    method.config.link = "mc"
+    mc = method.predict(model, scorer, enc, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mc.probs, mc.sample_probs.mean(0))
+    torch.testing.assert_close(mc.sample_probs, pred.sample_probs)  # the same draws, averaged instead
 
 
 def test_laplace_marglik_prior_maximizes_the_evidence(mle_run):
