@@ -90,7 +90,8 @@ class LaplaceConfig(MethodConfig):
     prior_precision: float | None = field(default=None, metadata={"help": "fixed prior precision (skip tuning)"})
     # meanfield by default: on cpu-overfit (3 seeds) the MC link at 50 samples moved test accuracy by +-3-5 points
     # from draw to draw and, converged, lost 1.7-3.3 points; the probit reorders cloze answers (not shift-invariant);
-    # the mean-field kept accuracy on every seed at the NLL of the converged MC (docs/FINDINGS.md, finding 10)
+    # the mean-field kept accuracy on every seed of cpu-overfit and cpu-fewshot, at an NLL 0.3-2.1% (overfit) and
+    # 3-5% (fewshot) above the converged MC's (docs/FINDINGS.md, finding 10)
     link: str = field(default="meanfield", metadata={"help": "meanfield | mc | probit: the link approximation (the "
                                                              "prior is tuned with probit for probit, else meanfield)"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
