@@ -126,10 +126,11 @@ def _cmd_eval(args) -> int:
     if not dataset:
         raise ValueError(f"{args.run_dir} does not record its training dataset: pass --dataset")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
+    overrides = dict(_parse_option(o) for o in args.option)  # a malformed option fails before the model loads
     run = load_run(args.run_dir, model_spec=args.model)
-    if args.option:
+    if overrides:
         config = run.method.config
-        run.method.config = type(config).from_dict({**config.to_dict(), **dict(_parse_option(o) for o in args.option)})
+        run.method.config = type(config).from_dict({**config.to_dict(), **overrides})
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
                                      seed=args.seed, progress=True)
     result.update(dataset=dataset, split=args.split, method=run.method.name, run_dir=str(args.run_dir))
