@@ -288,3 +288,60 @@ def test_one_sample_per_question_needs_no_index_and_matches_explicit_groups(with
     with pytest.raises(ValueError, match="n_groups"):
         with sample_groups(layers, None):
             pass
+
+
+def test_gaussian_layer_is_an_exact_weight_sample_per_group():
+    """Row ``i`` of group ``g`` sees ``x @ (M + std * eps_g)^T``, and ``rho`` and the mean get the gradients of
+    that expression."""
+    from bayeslora.peft_ext import sample_groups
+    from bayeslora.peft_ext.stochastic import GaussianLoraA
+
+    torch.manual_seed(0)
+    layer = GaussianLoraA(torch.nn.Linear(6, 3, bias=False), torch.rand(3, 6) * 0.5, lambda r: r * r)
+    x = torch.randn(2, 4, 6)
+    with sample_groups(layer, None, n_groups=2, generator=torch.Generator().manual_seed(1)) as state:
+        out = layer(x)
+    eps = state.cache[id(layer)]
+    mean, rho = layer.weight.detach().clone().requires_grad_(), layer.rho.detach().clone().requires_grad_()
+    expected = torch.stack([x[g] @ (mean + rho * rho * eps[g]).T for g in range(2)])
+    torch.testing.assert_close(out, expected)
+    out.sin().sum().backward()
+    expected.sin().sum().backward()
+    torch.testing.assert_close(layer.rho.grad, rho.grad)
+    torch.testing.assert_close(layer.weight.grad, mean.grad)
+    assert torch.equal(layer(x), x @ layer.weight.T)  # outside a sampling context: the mean
+
+
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_training_step_gathers_noise_only_where_rows_are_not_questions(examples, fmt):
+    """With one row per question (the letter format, the cloze context pass) the scorer tells the layers that rows
+    are questions: no gather in their forward, no scatter in the backward. Only the cloze continuation pass, whose
+    rows are choices, gathers (once per stochastic layer)."""
+    scorer = make_scorer(fmt, load_model(TINY).tokenizer, max_length=64)
+    enc = scorer.encode(examples[:3])
+    assert enc.shared_prefix == (fmt == "cloze")
+    counts = {}
+    for name in ("mle", "blob"):  # the embedding lookup and the scorer gather too: count the difference
+        method, model, _ = _prepared(name)
+        model.train()
+        with torch.profiler.profile() as prof:
+            method.nll(model, scorer, enc, torch.Generator().manual_seed(0)).backward()
+        ops = {e.key: e.count for e in prof.key_averages()}
+        counts[name] = (ops.get("aten::index_select", 0), ops.get("aten::index_add_", 0))
+    gathers = 0 if fmt == "letter" else len(stochastic_layers(model))
+    assert [b - m for b, m in zip(counts["blob"], counts["mle"], strict=True)] == [gathers, gathers]
+
+
+def test_adapter_routing_reads_the_row_map_once_per_forward():
+    """Reading the row map is a device synchronization on an accelerator: once per map, not once per layer."""
+    from bayeslora.peft_ext.adapters import AdapterRouting
+
+    routing = AdapterRouting(["a", "b"], rows=torch.tensor([0, 0, 1]))
+    first = routing.row_names(3)
+    assert first == ["a", "a", "b"] and routing.row_names(3) is first
+    routing.rows = torch.tensor([1, 0, 0])
+    assert routing.row_names(3) == ["b", "a", "a"]
+    routing.rows = None
+    assert routing.row_names(2) == ["a", "b"]
+    with pytest.raises(RuntimeError, match="3 rows"):
+        routing.row_names(3)

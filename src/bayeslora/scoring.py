@@ -67,6 +67,19 @@ class EncodedBatch:
     def n_rows(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def rows_are_questions(self) -> bool:
+        """Row ``i`` is question ``i`` (letter format; cloze with one choice per question). Decided from shapes
+        alone, without reading ``row_question`` back from the device: the encoders and :meth:`repeat` give every
+        question at least one row and keep the rows in question order, so ``R == B`` means the identity."""
+        return self.n_rows == self.n_questions
+
+    @property
+    def row_map(self) -> torch.Tensor | None:
+        """``row_question`` for :func:`~bayeslora.peft_ext.row_questions`, ``None`` for the identity: the stochastic
+        layers then use their per-question noise as it is (no gather in the forward, no scatter in the backward)."""
+        return None if self.rows_are_questions else self.row_question
+
     def one_pass(self) -> EncodedBatch:
         """The same batch without the shared-prefix layout: every row is scored in one forward (for code that hooks
         a layer's per-row inputs and outputs, which must see each row once)."""
@@ -157,7 +170,7 @@ class ChoiceScorer:
         With ``capture`` (the LM head module), also return its inputs at the same positions ``(R, n_keep, H)``, so
         a predictive can perturb the head alone without a second trunk forward.
         """
-        with row_questions(model, enc.row_question), _capture_inputs(capture) as inputs:
+        with row_questions(model, enc.row_map), _capture_inputs(capture) as inputs:
             out = model(
                 input_ids=enc.input_ids,
                 attention_mask=enc.attention_mask,
@@ -293,8 +306,7 @@ class ClozeScorer(ChoiceScorer):
     def _forward_shared(self, model, enc: EncodedBatch, capture: torch.nn.Module | None = None):
         """Prefix pass (one row per question, KV cache kept) then continuation pass on the cache, gathered into
         the same right-aligned ``(R, K + 1, V)`` layout as the one-pass forward."""
-        B = enc.prefix_ids.shape[0]
-        with row_questions(model, torch.arange(B, device=enc.prefix_ids.device)), _capture_inputs(capture) as pre_in:
+        with row_questions(model, None), _capture_inputs(capture) as pre_in:  # one row per question
             pre = model(input_ids=enc.prefix_ids, attention_mask=enc.prefix_mask,
                         position_ids=position_ids(enc.prefix_mask), use_cache=True, logits_to_keep=1)
         cache = pre.past_key_values
@@ -302,7 +314,7 @@ class ClozeScorer(ChoiceScorer):
         mask = torch.cat([enc.prefix_mask[enc.row_question], enc.cont_mask], dim=1)
         start = enc.prefix_mask.sum(-1)[enc.row_question, None]
         cont_pos = start + torch.arange(enc.cont_ids.shape[1], device=start.device)[None]
-        with row_questions(model, enc.row_question), _capture_inputs(capture) as cont_in:
+        with row_questions(model, enc.row_map), _capture_inputs(capture) as cont_in:
             out = model(input_ids=enc.cont_ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=0)
         lengths = enc.cont_mask.sum(-1)  # (R,)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,10 +24,14 @@ from .stochastic import lora_layers
 @dataclass
 class AdapterRouting:
     """Question ``q`` goes through adapter ``names[q]``; ``rows`` maps the rows of the current forward to questions
-    (set by the scorer with :func:`~bayeslora.peft_ext.row_questions`; unset: row ``i`` is question ``i``)."""
+    (set by the scorer with :func:`~bayeslora.peft_ext.row_questions`; unset: row ``i`` is question ``i``).
+
+    The rows' names are computed once per ``rows`` tensor, not once per layer: reading ``rows`` from an
+    accelerator is a synchronization."""
 
     names: list[str]
     rows: torch.Tensor | None = None
+    _cache: tuple[torch.Tensor, list[str]] | None = field(default=None, repr=False)
 
     def row_names(self, n_rows: int) -> list[str]:
         if self.rows is None:
@@ -36,7 +40,9 @@ class AdapterRouting:
             return self.names
         if self.rows.shape[0] != n_rows:
             raise RuntimeError(f"The routing maps {self.rows.shape[0]} rows but the batch has {n_rows}")
-        return [self.names[q] for q in self.rows.tolist()]
+        if self._cache is None or self._cache[0] is not self.rows:
+            self._cache = (self.rows, [self.names[q] for q in self.rows.tolist()])
+        return self._cache[1]
 
 
 @contextlib.contextmanager

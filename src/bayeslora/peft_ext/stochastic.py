@@ -131,8 +131,11 @@ class StochasticLoraA(nn.Module):
 class GaussianLoraA(StochasticLoraA):
     """``A ~ N(weight, std^2)`` elementwise with ``std = std_fn(rho)``; one sample per group.
 
-    The noise of a row is ``x @ (std * eps_g)^T`` with ``eps_g ~ N(0, I)`` of shape (r, d_in): an exact weight
-    sample per group at the cost of one extra (R, T, d_in) x (R, d_in, r) batched matmul.
+    Each group's weight sample ``A_g = weight + std * eps_g`` (``eps_g ~ N(0, I)``, shape (r, d_in)) is formed
+    explicitly and its rows run through one batched matmul ``(R, T, d_in) x (R, d_in, r)``: an exact weight sample
+    per group. Forming ``A_g`` (one ``addcmul``) instead of adding ``x @ (std * eps_g)^T`` to ``x @ weight^T``
+    saves a matmul, a product and a sum in the forward and their backward: about a third fewer kernels per layer,
+    which is what a small-batch step on a GPU pays for (it is launch-bound).
     """
 
     def __init__(self, linear: nn.Linear, rho: torch.Tensor, std_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -145,9 +148,13 @@ class GaussianLoraA(StochasticLoraA):
     def std(self) -> torch.Tensor:
         return self.std_fn(self.rho)
 
-    def noise_term(self, x: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._sampling
+        if state is None:
+            return nn.functional.linear(x, self.weight)
         eps = state.noise(self, tuple(self.weight.shape), x.device, x.dtype)  # (G, r, d_in)
-        per_row = state.per_row(self.std().to(x.dtype) * eps, x.shape[0])  # (R, r, d_in)
+        samples = torch.addcmul(self.weight.to(x.dtype), self.std().to(x.dtype), eps)  # (G, r, d_in)
+        per_row = state.per_row(samples, x.shape[0])  # (R, r, d_in)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (R, T, d_in)
         return torch.bmm(flat, per_row.transpose(1, 2)).reshape(*x.shape[:-1], per_row.shape[1])
 
