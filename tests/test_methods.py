@@ -212,6 +212,10 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert "even" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "predictive=nope"]) == 2
     assert "predictive" in capsys.readouterr().err
+    # a training-time option would have no effect on a saved run: refused, naming the ones that do work
+    assert main(["eval", str(run_dir), "--limit", "4", "--option", "prior_std=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "prior_std" in err and "'predictive'" in err and "cannot change on a saved run" in err
 
 
 def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):

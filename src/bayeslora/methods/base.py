@@ -69,6 +69,9 @@ class MethodConfig:
 
     n_samples: int = field(default=0, metadata={"help": "posterior samples at test time (0: deterministic)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapter"})
+    #: options that only change how a trained or fitted posterior predicts (``bayeslora eval --option``); the
+    #: others shape training or the fit, and changing them on a saved run would have no effect
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples",)
 
     def __post_init__(self):
         if not isinstance(self.n_samples, int) or self.n_samples < 0:
@@ -84,6 +87,16 @@ class MethodConfig:
         if unknown:
             raise MethodError(f"Unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
+
+    @classmethod
+    def with_prediction_options(cls, saved: dict, overrides: dict) -> MethodConfig:
+        """The saved run's config with prediction-time ``overrides``; a training- or fit-time key is refused."""
+        fixed = sorted(set(overrides) & {f.name for f in dataclasses.fields(cls)} - set(cls.PREDICTION_OPTIONS))
+        if fixed:
+            raise MethodError(f"{fixed} shape(s) training or the post-hoc fit and cannot change on a saved run; "
+                              f"the options that change prediction are {list(cls.PREDICTION_OPTIONS)} (retrain, or "
+                              "re-run bayesianize, to change the others)")
+        return cls.from_dict({**saved, **overrides})
 
 
 class BayesianMethod:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import ClassVar
 
 import torch
 
@@ -74,6 +75,7 @@ class BlobConfig(MethodConfig):
                                                              "reference's 1/M minibatch weighting)"})
     predictive: str = field(default="mc", metadata={"help": "mc (full samples), head (cheap: LM head only) or "
                                                             "antithetic (full samples in mirrored pairs; S even)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "predictive")
     rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
                                                                   "Adam moves rho by about lr per step whatever the "
                                                                   "KL weight, so a short schedule needs a larger one "

@@ -34,6 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import ClassVar
 
 import torch
 
@@ -92,6 +93,7 @@ class LaplaceConfig(MethodConfig):
     # from draw to draw and, converged, lost 1.7-3.3 points; the probit reorders cloze answers (not shift-invariant);
     # the mean-field kept accuracy on every seed of cpu-overfit and cpu-fewshot, at an NLL 0.3-2.1% (overfit) and
     # 3-5% (fewshot) above the converged MC's (docs/FINDINGS.md, finding 10)
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "link")
     link: str = field(default="meanfield", metadata={"help": "meanfield | mc | probit: the link approximation (the "
                                                              "prior is tuned with probit for probit, else meanfield)"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ class SGPConfig(MethodConfig):
     max_sd_u: float = field(default=0.1, metadata={"help": "cap of that sd"})
     flow_hidden: int = field(default=16, metadata={"help": "hidden units of the MAF over U's rows (0: no flow)"})
     kl_weight: float = field(default=0.8, metadata={"help": "KL weight times 1/N (reference: 0.1/n_batches)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk")
     sample_chunk: int = field(default=8, metadata={"help": "test-time samples per batched forward (memory bound)"})
     scale_lr: float | None = field(default=None, metadata={"help": "learning rate of the posterior scales (lambda "
                                                                     "and the inducing sd; default: the run's --lr). "
