@@ -201,6 +201,14 @@ class LetterScorer(ChoiceScorer):
     def __init__(self, tokenizer, max_length: int = 512):
         super().__init__(tokenizer, max_length)
         self.label_token_ids = [self._label_token(letter) for letter in LETTERS]
+        self._label_ids_on: dict[torch.device, torch.Tensor] = {}
+
+    def _label_ids(self, device: torch.device) -> torch.Tensor:
+        """The label tokens as a tensor on ``device``, copied there once (a host-to-device copy per forward would
+        make the host wait on an accelerator)."""
+        if device not in self._label_ids_on:
+            self._label_ids_on[device] = torch.tensor(self.label_token_ids, device=device)
+        return self._label_ids_on[device]
 
     def _label_token(self, letter: str) -> int:
         # " A" is one token in most LLM vocabularies; a byte-level test tokenizer only has "A".
@@ -230,8 +238,7 @@ class LetterScorer(ChoiceScorer):
 
     def logits_from_vocab(self, vocab_logits: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
         C = enc.choice_mask.shape[1]
-        label_ids = torch.tensor(self.label_token_ids[:C], device=vocab_logits.device)
-        logits = vocab_logits[:, -1, :].index_select(-1, label_ids)  # (B, C)
+        logits = vocab_logits[:, -1, :].index_select(-1, self._label_ids(vocab_logits.device)[:C])  # (B, C)
         # rows are questions, in order
         return logits.float().masked_fill(~enc.choice_mask, float("-inf"))
 

@@ -184,13 +184,17 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
                 nll = method.nll(model, scorer, enc, generator)
                 kl = method.kl().to(nll.device)
                 loss = (nll + method.kl_scale(len(train_set)) * kl) / config.grad_accum
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"The loss became {loss.item()} at step {step + 1} (nll {nll.item()}, kl {kl.item()}); "
-                        f"stopped. The last good checkpoint is in {run_dir / CHECKPOINT_DIR}: lower --lr and --resume")
                 accelerator.backward(loss)
-            nll_sum += nll.item() / config.grad_accum
-            kl_value = kl.item()
+            # one host read per micro-batch, after its backward is queued (a read between the forward and the
+            # backward would make the host wait for the device); a non-finite loss stops before the update
+            values = torch.stack([loss.detach().float(), nll.detach().float(), kl.detach().float()])
+            loss_v, nll_v, kl_v = values.tolist()
+            if not math.isfinite(loss_v):
+                raise TrainingError(
+                    f"The loss became {loss_v} at step {step + 1} (nll {nll_v}, kl {kl_v}); stopped. The last "
+                    f"good checkpoint is in {run_dir / CHECKPOINT_DIR}: lower --lr and --resume")
+            nll_sum += nll_v / config.grad_accum
+            kl_value = kl_v
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
