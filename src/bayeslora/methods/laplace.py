@@ -57,6 +57,15 @@ class PriorFit(str, Enum):
     """Maximize the Laplace marginal likelihood (evidence) of the fit data."""
     VAL_NLL = "val_nll"
     """Minimize the validation NLL of the closed-form predictive (mean-field; probit for ``link="probit"``)."""
+    MARGLIK_AB = "marglik_ab"
+    """The evidence with two precisions, one for all ``A`` factors and one for all ``B`` factors, each maximized on
+    its own (the log evidence separates into the two groups). ``A`` starts random and keeps most of its initial
+    norm, ``B`` starts at zero: one shared precision is set by ``A``'s initial norm (``delta ~ gamma / |theta|^2``)
+    and is far too weak for ``B`` (docs/FINDINGS.md, finding 11)."""
+
+
+def _is_a(key: str) -> bool:
+    return key.endswith("lora_A")
 
 
 class Link(str, Enum):
@@ -84,7 +93,8 @@ class LaplaceConfig(MethodConfig):
     # docs/FINDINGS.md: precision ~2, ARC-E accuracy 61.7 -> 50.0), because |theta|^2 is dominated by the random
     # init of the LoRA A matrices, which the data never determine, while only the few data-determined directions
     # pull the other way (MacKay: delta = gamma / |theta|^2).
-    prior: str = field(default="val_nll", metadata={"help": "val_nll | marglik: how the prior precision is tuned "
+    prior: str = field(default="val_nll", metadata={"help": "val_nll | marglik | marglik_ab (one evidence precision "
+                                                             "for the A factors, one for B): how the prior is tuned "
                                                              "(val_nll uses the dataset's validation split; a user "
                                                              "file is one split, so there it tunes on the fit data "
                                                              "itself: prefer marglik)"})
@@ -279,6 +289,7 @@ class Laplace(PosthocMethod):
         super().__init__(config)
         self.factors: dict[str, _Factor] = {}
         self.prior_precision = float("nan")
+        self.prior_precision_a: float | None = None  # the A factors' own precision (prior="marglik_ab")
         self.n_data = 0.0
 
     @property
@@ -356,17 +367,18 @@ class Laplace(PosthocMethod):
             raise LaplaceError("The curvature is zero (singular): the adapter's gradients vanish on the fit data; "
                                "use more or other fit examples, or --option fisher=mc")
 
-    def _all_eig(self) -> torch.Tensor:
-        return torch.cat([f.eig(self.n_data) for f in self.factors.values()])
-
-    def _theta_sq_norm(self) -> float:
-        return float(sum(f.module.weight.detach().double().pow(2).sum() for f in self.factors.values()))
-
-    def _tune_marglik(self) -> tuple[float, float]:
+    def _tune_marglik(self, keys: list[str] | None = None) -> tuple[float, float]:
+        """The evidence-maximizing precision of the factors ``keys`` (default: all) on a log grid."""
+        factors = [self.factors[k] for k in (keys if keys is not None else self.factors)]
+        eig = torch.cat([f.eig(self.n_data) for f in factors])
+        sq_norm = float(sum(f.module.weight.detach().double().pow(2).sum() for f in factors))
         grid = torch.logspace(-6, 8, 281, dtype=torch.float64)
-        ev = log_evidence(self._all_eig(), self._theta_sq_norm(), grid)
+        ev = log_evidence(eig, sq_norm, grid)
         i = int(ev.argmax())
         return float(grid[i]), float(ev[i])
+
+    def _delta(self, key: str, delta: float) -> float:
+        return self.prior_precision_a if self.prior_precision_a is not None and _is_a(key) else delta
 
     def _tune_val_nll(self, model, scorer, validation, batch_size) -> tuple[float, float]:
         grid = torch.logspace(-6, 8, 57, dtype=torch.float64)
@@ -397,6 +409,13 @@ class Laplace(PosthocMethod):
             self.prior_precision = float(cfg.prior_precision)
         elif cfg.prior == PriorFit.MARGLIK.value:
             self.prior_precision, result["log_evidence"] = self._tune_marglik()
+        elif cfg.prior == PriorFit.MARGLIK_AB.value:
+            a_keys = [k for k in self.factors if _is_a(k)]
+            b_keys = [k for k in self.factors if not _is_a(k)]
+            self.prior_precision, ev_b = self._tune_marglik(b_keys)
+            self.prior_precision_a, ev_a = self._tune_marglik(a_keys)
+            result["log_evidence"] = ev_a + ev_b
+            result["prior_precision_a"] = self.prior_precision_a
         else:
             if not validation:
                 raise LaplaceError("prior=val_nll (the default) needs validation examples and the split is empty: "
@@ -405,8 +424,9 @@ class Laplace(PosthocMethod):
             self.prior_precision, result["val_nll"] = self._tune_val_nll(model, scorer, val, batch_size)
             result["n_val"] = len(val)
         result["prior_time_s"] = round(time.perf_counter() - t1, 3)
-        if not math.isfinite(self.prior_precision) or self.prior_precision <= 0:
-            raise LaplaceError(f"The tuned prior precision is {self.prior_precision}: the curvature is degenerate")
+        for value in (self.prior_precision, self.prior_precision_a):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LaplaceError(f"The tuned prior precision is {value}: the curvature is degenerate")
         result["prior_precision"] = self.prior_precision
         return result
 
@@ -415,12 +435,12 @@ class Laplace(PosthocMethod):
 
     # -- predictive -----------------------------------------------------------------------------------------
     def _jacobian_features(self, model, scorer, enc):
-        """Choice logits ``(B, C)``, per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``,
-        and the Gram ``(B, C, C)`` of the full Jacobians (for the prior part of the covariance)."""
+        """Choice logits ``(B, C)``, and per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``
+        and the Gram ``(B, C, C)`` of the full Jacobian (for the prior part of the covariance)."""
         modules = {k: f.module for k, f in self.factors.items()}
         params = [m.weight for m in modules.values()]
         B, C = enc.choice_mask.shape
-        feats, gram = {}, torch.zeros(B, C, C, dtype=torch.float64)
+        feats, gram = {}, {}
         with _grad_only(model, params), _capture(modules) as io:
             logits = scorer.choice_logits(model, enc)
             calls = _calls(io, enc)
@@ -436,16 +456,18 @@ class Laplace(PosthocMethod):
             J = J.cpu()  # (C, B, o, i)
             feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
             Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
-            gram += Jf @ Jf.transpose(1, 2)
+            gram[k] = Jf @ Jf.transpose(1, 2)
         return logits.detach().float().cpu(), feats, gram
 
-    def _logit_cov(self, feats: dict[str, torch.Tensor], gram: torch.Tensor, delta: float) -> torch.Tensor:
-        """``J Sigma J^T`` ``(B, C, C)`` with ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``."""
-        cov = gram / delta
+    def _logit_cov(self, feats: dict[str, torch.Tensor], gram: dict[str, torch.Tensor], delta: float) -> torch.Tensor:
+        """``J Sigma J^T`` ``(B, C, C)``, per matrix ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``
+        (``delta``: the matrix's prior precision, :meth:`_delta`)."""
+        cov = 0.0
         for k, F in feats.items():
-            w = 1.0 / (self.factors[k].eig(self.n_data).double() + delta) - 1.0 / delta  # (K,)
+            d = self._delta(k, delta)
+            w = 1.0 / (self.factors[k].eig(self.n_data).double() + d) - 1.0 / d  # (K,)
             Fd = F.double()
-            cov = cov + torch.einsum("bck,k,bdk->bcd", Fd, w, Fd)
+            cov = cov + gram[k] / d + torch.einsum("bck,k,bdk->bcd", Fd, w, Fd)
         cov = 0.5 * (cov + cov.transpose(1, 2))
         if not torch.isfinite(cov).all():
             raise LaplaceError("The predictive covariance is NaN/inf: the saved curvature is corrupted")
@@ -469,6 +491,8 @@ class Laplace(PosthocMethod):
         # float64 scalars: a reloaded run predicts bit for bit like the fitted one
         state = {"prior_precision": torch.tensor([self.prior_precision], dtype=torch.float64),
                  "n_data": torch.tensor([self.n_data], dtype=torch.float64)}
+        if self.prior_precision_a is not None:
+            state["prior_precision_a"] = torch.tensor([self.prior_precision_a], dtype=torch.float64)
         for k, f in self.factors.items():
             state.update({f"{k}.qa": f.qa, f"{k}.la": f.la, f"{k}.qg": f.qg, f"{k}.lg": f.lg})
         return state
@@ -478,7 +502,7 @@ class Laplace(PosthocMethod):
         self._bind(model)
         expected = {f"{k}.{s}" for k in self.factors for s in ("qa", "la", "qg", "lg")} | {"prior_precision",
                                                                                             "n_data"}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected - {"prior_precision_a"})
         if missing or unexpected:
             raise LaplaceError(f"The saved Laplace posterior does not match the adapter (subset "
                                f"{self.config.subset!r}): missing {missing[:2]}, unexpected {unexpected[:2]}")
@@ -489,6 +513,8 @@ class Laplace(PosthocMethod):
                     or f.qg.shape[1] != f.lg.shape[0]:
                 raise LaplaceError(f"The saved curvature of {k} has the wrong shape for the adapter")
         self.prior_precision = float(state["prior_precision"])
+        self.prior_precision_a = float(state["prior_precision_a"]) if "prior_precision_a" in state else None
         self.n_data = float(state["n_data"])
-        if not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
-            raise LaplaceError(f"The saved prior precision is {self.prior_precision}: the run is corrupted")
+        for value in (self.prior_precision, self.prior_precision_a):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LaplaceError(f"The saved prior precision is {value}: the run is corrupted")
