@@ -16,7 +16,8 @@ Models"): a Laplace approximation over the LoRA parameters around a trained adap
   forward+backward 0.39x of the one-pass layout (docs/results/speed_scoring.md).
 * Posterior precision ``F + delta I``; the prior precision ``delta`` minimizes the validation NLL of the
   closed-form predictive (mean-field, or probit with ``link="probit"``; ``prior="val_nll"``, the default) or
-  maximizes the Laplace evidence (``"marglik"``), on a log grid.
+  maximizes the Laplace evidence (``"marglik"``; ``"marglik_ab"``: one precision for the A factors and one for
+  the B factors, each maximizing its own part of the evidence), on a log grid.
 * Predictive: the linearized (GLM) model, choice logits ``~ N(f(x; theta*), J Sigma J^T)`` with ``J`` the
   Jacobian ``(C, P)`` of the ``C`` choice logits w.r.t. the LoRA parameters (one backward pass per choice), and
   the pairwise mean-field (default: closed form, shift-invariant; its ``n_samples`` logit samples give the
