@@ -109,6 +109,36 @@ def test_blob_antithetic_predictive_mirrors_its_samples(examples):
         method.predict(model, scorer, enc, n_samples=3)
 
 
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
+    """``prompt=mean``: one prompt pass at the posterior mean, S samples of the scored positions on its cache.
+    With zero posterior std every sample is the deterministic forward (the cache split and positions are exact);
+    the shared-context cloze layout and the one-pass layout draw the same samples."""
+    method, model, scorer = _prepared("blob", {"init_eps": 0.5, "prompt": "mean"})
+    if fmt == "letter":
+        scorer = make_scorer("letter", scorer.tokenizer, max_length=64)
+    enc = scorer.encode(examples[:4])  # different lengths: left padding in the prompt pass
+    assert enc.shared_prefix == (fmt == "cloze")
+    pred = method.predict(model, scorer, enc, n_samples=3, generator=torch.Generator().manual_seed(0))
+    logits = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), mean_prompt=True)
+    assert torch.allclose(pred.sample_probs, torch.softmax(logits, -1), atol=1e-6)  # predict uses the option
+    assert not torch.allclose(logits[0], logits[1])
+    full = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0))
+    assert not torch.allclose(logits, full, atol=1e-4)  # the prompt is not sampled
+    if fmt == "cloze":
+        one_pass = method.sample_logits(model, scorer, enc.one_pass(), 3, torch.Generator().manual_seed(0),
+                                        mean_prompt=True)
+        assert torch.allclose(one_pass, logits, atol=1e-4)
+    for layer in stochastic_layers(model):
+        layer.rho.data.zero_()
+    logits = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), mean_prompt=True)
+    deterministic = scorer.choice_logits(model, enc)
+    for s in range(3):
+        assert torch.allclose(logits[s], deterministic, atol=1e-5)
+    with pytest.raises(MethodError, match="prompt"):
+        build_method("blob", {"prompt": "last"})
+
+
 def test_blob_head_predictive_needs_a_head_lora(examples):
     method, model, scorer = _prepared("blob", {"predictive": "head"},
                                       AdapterConfig(target_modules=["q_proj", "v_proj"]))

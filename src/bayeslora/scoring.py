@@ -13,11 +13,16 @@ Two formats (see :mod:`bayeslora.tasks.base` for the templates):
 Absent choices (a question with fewer choices than the batch's ``C``) get logit ``-inf``, hence probability 0.
 Rows are left-padded and position ids follow the attention mask, so a question scores the same alone or in a batch.
 Only the positions that are needed go through the LM head (``logits_to_keep``), never the whole sequence.
+
+:meth:`ChoiceScorer.mean_prompt_logits` scores ``S`` weight samples with the prompt at the posterior mean: the
+positions before the scored ones run once, deterministically, and their KV cache is shared by the ``S`` samples,
+which run only the scored positions (letter: the last token; cloze: the continuations and the context's last token).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 
@@ -184,6 +189,33 @@ class ChoiceScorer:
         """Choice logits ``(B, C)``, ``-inf`` at absent choices."""
         return self.logits_from_vocab(self.forward_vocab(model, enc), enc)
 
+    def mean_prompt_logits(self, model, enc: EncodedBatch, n_copies: int,
+                           sampling: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """Choice logits ``(S, B, C)`` of ``n_copies`` = S weight samples that share one prompt pass.
+
+        The positions before the ``n_keep`` scored ones run once, outside any sampling context (a stochastic layer
+        is then its posterior mean), with their KV cache kept; the cache is repeated S times and the scored
+        positions of ``enc.repeat(S)`` run on it inside ``sampling()`` (question ``s * B + b`` is sample ``s`` of
+        question ``b``, as in a batched MC predictive). Cost: one prompt pass plus S passes over ``n_keep``
+        positions, instead of S whole forwards.
+        """
+        R, T = enc.input_ids.shape
+        W = self.n_keep(enc)
+        rep = enc.repeat(n_copies)
+        if W >= T:  # nothing before the scored positions: every position is sampled
+            with sampling():
+                return self.choice_logits(model, rep).view(n_copies, enc.n_questions, -1)
+        cut = T - W
+        pre = model(input_ids=enc.input_ids[:, :cut], attention_mask=enc.attention_mask[:, :cut],
+                    position_ids=position_ids(enc.attention_mask)[:, :cut], use_cache=True, logits_to_keep=1)
+        cache = pre.past_key_values
+        cache.reorder_cache(torch.arange(R, device=enc.input_ids.device).repeat(n_copies))
+        with sampling(), row_questions(model, rep.row_map):
+            out = model(input_ids=rep.input_ids[:, cut:], attention_mask=rep.attention_mask,
+                        position_ids=position_ids(rep.attention_mask)[:, cut:], past_key_values=cache,
+                        use_cache=True, logits_to_keep=W)
+        return self.logits_from_vocab(out.logits, rep).view(n_copies, enc.n_questions, -1)
+
 
 def _choice_mask(examples: list[MCExample], n_choices: int | None) -> torch.Tensor:
     C = n_choices or max(ex.n_choices for ex in examples)
@@ -324,18 +356,34 @@ class ClozeScorer(ChoiceScorer):
         with row_questions(model, enc.row_map), _capture_inputs(capture) as cont_in:
             out = model(input_ids=enc.cont_ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
                         use_cache=True, logits_to_keep=0)
-        lengths = enc.cont_mask.sum(-1)  # (R,)
-        K = enc.target_ids.shape[1]
-        # right-align: output position k (0..K) takes left position lengths - K + k (the last is unused by scoring)
-        idx = (lengths[:, None] - K + torch.arange(K + 1, device=lengths.device)[None]).clamp(min=0)
 
         def align(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-            # left-aligned per row: [position predicting cont token 0, 1, ..., last], then the one after the last
-            left = torch.cat([first[enc.row_question, -1:, :], rest], dim=1)  # (R, Tc + 1, D)
-            return left.gather(1, idx[:, :, None].expand(-1, -1, left.shape[-1]))
+            return _right_align(torch.cat([first[enc.row_question, -1:, :], rest], dim=1), enc)
 
         vocab = align(pre.logits, out.logits)
         return vocab if capture is None else (vocab, align(pre_in[0], cont_in[0]))
+
+    def mean_prompt_logits(self, model, enc: EncodedBatch, n_copies: int,
+                           sampling: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """With one context per question: the contexts but their last token run once, at the posterior mean
+        (``B`` rows); the S samples run the context's last token and the continuations (``S * R`` rows)."""
+        if not enc.shared_prefix or enc.prefix_ids.shape[1] < 2:
+            return super().mean_prompt_logits(model, enc.one_pass(), n_copies, sampling)
+        rep = enc.repeat(n_copies)
+        question = enc.row_question.repeat(n_copies)  # the prefix row (question) of each of the S * R rows
+        pre_mask = enc.prefix_mask[:, :-1]
+        pre = model(input_ids=enc.prefix_ids[:, :-1], attention_mask=pre_mask, position_ids=position_ids(pre_mask),
+                    use_cache=True, logits_to_keep=1)
+        cache = pre.past_key_values
+        cache.reorder_cache(question)
+        ids = torch.cat([enc.prefix_ids[question, -1:], rep.cont_ids], dim=1)  # (S * R, 1 + Tc)
+        mask = torch.cat([enc.prefix_mask[question], rep.cont_mask], dim=1)
+        # left padding: the context's last token sits at position (its real tokens before it) = pre_mask.sum
+        pos = pre_mask.sum(-1)[question, None] + torch.arange(ids.shape[1], device=ids.device)[None]
+        with sampling(), row_questions(model, rep.row_map):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=0)
+        return self.logits_from_vocab(_right_align(out.logits, rep), rep).view(n_copies, enc.n_questions, -1)
 
     def n_keep(self, enc: EncodedBatch) -> int:
         # position t predicts token t + 1: the K targets need the K positions before the last token too
@@ -352,6 +400,16 @@ class ClozeScorer(ChoiceScorer):
         logits = torch.full((B, C), float("-inf"), device=score.device, dtype=score.dtype)
         logits[enc.row_question, enc.row_choice] = score
         return logits
+
+
+def _right_align(left: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
+    """``(R, Tc + 1, D)`` per-row left-aligned outputs of a continuation pass ([the position predicting
+    continuation token 0, 1, ..., the last token], right padding after) to the one-pass layout ``(R, K + 1, D)``:
+    output position k takes left position ``length - K + k`` (the last one is unused by scoring)."""
+    lengths = enc.cont_mask.sum(-1)  # (R,)
+    K = enc.target_ids.shape[1]
+    idx = (lengths[:, None] - K + torch.arange(K + 1, device=lengths.device)[None]).clamp(min=0)
+    return left.gather(1, idx[:, :, None].expand(-1, -1, left.shape[-1]))
 
 
 SCORERS: dict[ChoiceFormat, type[ChoiceScorer]] = {

@@ -179,14 +179,20 @@ class BayesianMethod:
 
     def sample_logits(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
                       generator: torch.Generator | None = None, batched: bool = True,
-                      antithetic: bool = False) -> torch.Tensor:
+                      antithetic: bool = False, mean_prompt: bool = False) -> torch.Tensor:
         """Choice logits of ``n_samples`` posterior samples, shape ``(S, B, C)``.
 
         ``batched``: the S samples run as ONE forward over the batch repeated S times (question ``s * B + b`` uses
         sample ``s * B + b``); otherwise S forwards one after the other (same distribution, for benchmarks).
         ``antithetic`` (batched only): sample ``s + S / 2`` mirrors sample ``s`` (for an even S).
+        ``mean_prompt`` (batched only): the prompt runs once at the posterior mean and only the scored positions are
+        sampled (:meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`).
         """
         B = batch.n_questions
+        if batched and mean_prompt:
+            return scorer.mean_prompt_logits(
+                model, batch, n_samples,
+                lambda: self.sampling(model, None, n_groups=n_samples * B, generator=generator, antithetic=antithetic))
         if batched:
             with self.sampling(model, None, n_groups=n_samples * B, generator=generator, antithetic=antithetic):
                 return scorer.choice_logits(model, batch.repeat(n_samples)).view(n_samples, B, -1)

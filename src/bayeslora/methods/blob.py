@@ -25,6 +25,13 @@ batched forward (S even; S = 2 is one pair). The average of a pair cancels every
 effect on the probabilities, so the first-order sampling noise that dominates a small independent-sample average is
 gone: with S = 2 it is the cheapest predictive that samples the trunk's LoRA layers too (docs/FINDINGS.md, finding 9,
 compares it with independent S = 10 on runs where sigma matters).
+
+``prompt = "mean"`` (with ``mc`` or ``antithetic``): the prompt runs once at the posterior mean and its KV cache is
+shared by the S samples, which run only the scored positions (letter: the last token; cloze: the context's last
+token and the continuations). The samples then act on the answer's positions through every layer but not on the
+prompt's keys and values: S samples cost one forward plus S passes over a few tokens. Measured (docs/FINDINGS.md,
+finding 12): one antithetic pair costs 1.2-1.4x the deterministic forward (the full pair: 1.8-2x) but keeps only a
+third to a half of the epistemic uncertainty, because most of the samples' disagreement comes from the prompt.
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ class BlobPredictive(str, Enum):
     """S full weight samples as S / 2 mirrored pairs (eps, -eps), one batched forward."""
 
 
+#: ``prompt`` option: where the weight samples act (see :meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`)
+PROMPTS = ("sample", "mean")
+
+
 def squared(rho: torch.Tensor) -> torch.Tensor:
     """BLoB's parameterization of the standard deviation: ``sigma = rho^2``."""
     return rho * rho
@@ -75,7 +86,11 @@ class BlobConfig(MethodConfig):
                                                              "reference's 1/M minibatch weighting)"})
     predictive: str = field(default="mc", metadata={"help": "mc (full samples), head (cheap: LM head only) or "
                                                             "antithetic (full samples in mirrored pairs; S even)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "predictive")
+    prompt: str = field(default="sample", metadata={"help": "sample (every position sees the weight sample) or "
+                                                            "mean (mc / antithetic: the prompt runs once at the "
+                                                            "posterior mean, only the scored positions are "
+                                                            "sampled)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "predictive", "prompt")
     rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
                                                                   "Adam moves rho by about lr per step whatever the "
                                                                   "KL weight, so a short schedule needs a larger one "
@@ -90,6 +105,8 @@ class BlobConfig(MethodConfig):
             raise MethodError(f"Expected BLoB `rho_lr` > 0 (or unset), but got {self.rho_lr!r}")
         if not self.kl_weight >= 0:
             raise MethodError(f"Expected BLoB `kl_weight` >= 0, but got {self.kl_weight!r}")
+        if self.prompt not in PROMPTS:
+            raise MethodError(f"Expected BLoB `prompt` in {list(PROMPTS)}, but got {self.prompt!r}")
         try:
             self.predictive = BlobPredictive(self.predictive).value
         except ValueError:
@@ -147,15 +164,17 @@ class Blob(BayesianMethod):
     def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
                 generator: torch.Generator | None = None) -> Predictive:
         n = self.resolve_samples(n_samples)
-        if n > 0 and self.config.predictive == BlobPredictive.HEAD.value:
+        if n == 0:
+            return super().predict(model, scorer, batch, n, generator)
+        if self.config.predictive == BlobPredictive.HEAD.value:
             return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
-        if n > 0 and self.config.predictive == BlobPredictive.ANTITHETIC.value:
-            if n % 2:
-                raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be "
-                                  f"even, but got {n}")
-            return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
-                                                                    antithetic=True))
-        return super().predict(model, scorer, batch, n, generator)
+        antithetic = self.config.predictive == BlobPredictive.ANTITHETIC.value
+        if antithetic and n % 2:
+            raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be even, "
+                              f"but got {n}")
+        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
+                                                                antithetic=antithetic,
+                                                                mean_prompt=self.config.prompt == "mean"))
 
 
 def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
