@@ -33,7 +33,8 @@ def test_predictive_variants_evaluate_every_run_once(grid):
     labels = {(r["method"], r["variant"]) for r in rows}
     assert labels == {("mle", "deterministic"), ("blob", "MC S=10"), ("blob", "head S=10"),
                       ("blob", "posterior mean"), ("blob", "MC S=2"), ("blob", "antithetic S=2"),
-                      ("blob", "antithetic S=10"), ("blob", "MC S=40")}
+                      ("blob", "antithetic S=10"), ("blob", "MC S=40"), ("blob", "mean prompt, antithetic S=2"),
+                      ("blob", "mean prompt, MC S=10"), ("blob", "mean prompt, antithetic S=10")}
     by = {(r["method"], r["variant"]): r for r in rows}
     assert by["blob", "MC S=10"]["n_samples"] == 10 and by["blob", "posterior mean"]["n_samples"] == 0
     assert by["blob", "MC S=10"]["mean_epistemic"] > 0 and by["blob", "posterior mean"]["mean_epistemic"] == 0

@@ -6,7 +6,9 @@
    CUDA, ``torch.cuda.max_memory_allocated`` over the steps. One warm-up step is excluded from the timings.
 2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
    as S sequential forwards vs ONE batched forward, the cheap head predictive (trunk once + S head samples) and
-   one antithetic pair (eps, -eps) of full samples in one batched forward (``--option predictive=antithetic``).
+   one antithetic pair (eps, -eps) of full samples in one batched forward (``--option predictive=antithetic``),
+   and the mean-prompt predictive (``--option prompt=mean``: the prompt once at the posterior mean, the samples on
+   the scored positions only) with one antithetic pair, S antithetic and S independent samples.
    Median of ``repeats`` timed runs after one warm-up run.
 3. Cloze scoring of one batch with each question's shared context run once (prefix pass + continuations on its KV
    cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
@@ -180,6 +182,12 @@ def measure_predictive(config: SpeedConfig) -> list[dict]:
         rows.append({"predictive": "head (trunk once + LM-head samples)", "samples": s, "seconds": t})
         t = _timed(lambda: method.sample_logits(model, scorer, enc, 2, g, antithetic=True), config.repeats)
         rows.append({"predictive": "antithetic pair (eps, -eps), one batched forward", "samples": 2, "seconds": t})
+        for n, antithetic in ((2, True), (s, True), (s, False)):
+            t = _timed(lambda n=n, a=antithetic: method.sample_logits(model, scorer, enc, n, g, antithetic=a,
+                                                                      mean_prompt=True), config.repeats)
+            kind = "antithetic" if antithetic else "MC"
+            rows.append({"predictive": f"mean prompt (prompt once + {kind} samples of the scored positions)",
+                         "samples": n, "seconds": t})
     for row in rows:
         row["x_deterministic"] = row["seconds"] / base
     return rows

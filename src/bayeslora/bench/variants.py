@@ -3,7 +3,7 @@ runs, and re-trained cells with one method option changed (ablations). Both reus
 subsets and cell machinery, so their numbers sit next to the grid's::
 
     python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=2/10/40, antithetic S=2/10, head
-                                                                   # S=10, posterior mean; MLE;
+                                                                   # S=10, posterior mean, mean prompt; MLE;
                                                                    # sgp: S = 1, 4, 10, 32
     python -m bayeslora.bench.variants ablate runs/fewshot --method blob --option init_eps=0.3
     python -m bayeslora.bench.variants report runs/fewshot --md docs/results/methods.md
@@ -40,7 +40,10 @@ PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
              ("posterior mean", {}, 0), ("MC S=2", {"predictive": "mc"}, 2),
              ("antithetic S=2", {"predictive": "antithetic"}, 2),
              ("antithetic S=10", {"predictive": "antithetic"}, 10),
-             ("MC S=40", {"predictive": "mc"}, 40)],
+             ("MC S=40", {"predictive": "mc"}, 40),
+             ("mean prompt, antithetic S=2", {"predictive": "antithetic", "prompt": "mean"}, 2),
+             ("mean prompt, MC S=10", {"predictive": "mc", "prompt": "mean"}, 10),
+             ("mean prompt, antithetic S=10", {"predictive": "antithetic", "prompt": "mean"}, 10)],
     "sgp": [("S=1", {}, 1), ("S=4", {}, 4), ("S=10", {}, 10), ("S=32", {}, 32)],
 }
 REFERENCE = ("mle", "deterministic")
