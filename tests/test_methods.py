@@ -242,6 +242,11 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert "even" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "predictive=nope"]) == 2
     assert "predictive" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "2", "--option", "predictive=antithetic",
+                 "--option", "prompt=mean"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
+    assert main(["eval", str(run_dir), "--limit", "4", "--option", "predictive=head", "--option", "prompt=mean"]) == 2
+    assert "head predictive" in capsys.readouterr().err
     # a training-time option would have no effect on a saved run: refused, naming the ones that do work
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "prior_std=0.5"]) == 2
     err = capsys.readouterr().err

@@ -112,6 +112,9 @@ class BlobConfig(MethodConfig):
         except ValueError:
             raise MethodError(f"Expected BLoB `predictive` in {[p.value for p in BlobPredictive]}, "
                               f"but got {self.predictive!r}") from None
+        if self.prompt == "mean" and self.predictive == BlobPredictive.HEAD.value:
+            raise MethodError("`prompt=mean` applies to the mc and antithetic predictives; the head predictive "
+                              "already runs the whole trunk once at the posterior mean")
 
 
 @register_method
