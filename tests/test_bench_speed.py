@@ -10,7 +10,7 @@ from bayeslora.cli import main
 def test_bench_speed_writes_tables(tmp_path, capsys):
     md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
     code = main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
-                 "--steps", "1", "--repeats", "1", "--samples", "1,2", "--md", str(md), "--json", str(raw)])
+                 "--steps", "1", "--repeats", "1", "--samples", "2,3", "--md", str(md), "--json", str(raw)])
     assert code == 0
     result = json.loads(raw.read_text())
     assert [r["method"] for r in result["train"]] == ["blob"]
@@ -18,9 +18,10 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
     assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
     assert ("antithetic pair (eps, -eps), one batched forward", 2) in kinds
+    assert ("MC, batched forwards of 2 samples (sample_chunk=2)", 3) in kinds  # chunks of 2 and 1
     # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
-                 "--steps", "1", "--repeats", "1", "--samples", "1,2", "--json", str(raw)]) == 0
+                 "--steps", "1", "--repeats", "1", "--samples", "2,3", "--json", str(raw)]) == 0
     assert "reusing the finished parts" in capsys.readouterr().err
     text = md.read_text()
     assert "| blob |" in text and "Versions:" in text and "bench speed" in text

@@ -139,6 +139,40 @@ def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
         build_method("blob", {"prompt": "last"})
 
 
+@pytest.mark.parametrize("name, options, mode", [
+    ("blob", {}, "mc"), ("blob", {"predictive": "antithetic"}, "antithetic"),
+    ("blob", {"prompt": "mean"}, "mean_prompt"), ("mcd", {"p": 0.3}, "mc")])
+def test_sample_chunk_splits_the_samples_into_batched_forwards(examples, name, options, mode):
+    """``sample_chunk=c``: the S samples run c per forward, drawn one chunk after the other from the generator, so
+    a chunked predictive equals its chunks drawn by hand; 0 (the default) is one forward; antithetic pairs stay in
+    their chunk."""
+    eps = 0.05 if mode == "antithetic" else 0.3  # small noise: a pair's average is second order in it
+    method, model, scorer = _prepared(name, {"init_eps": eps, **options} if name == "blob" else options)
+    enc = scorer.encode(examples[:3])
+    kw = {"antithetic": mode == "antithetic", "mean_prompt": mode == "mean_prompt"}
+    whole = method.sample_logits(model, scorer, enc, 4, torch.Generator().manual_seed(0), **kw)
+    method.config.sample_chunk = 2
+    gen = torch.Generator().manual_seed(0)
+    chunked = method.sample_logits(model, scorer, enc, 4, gen, **kw)
+    method.config.sample_chunk = 0
+    gen = torch.Generator().manual_seed(0)
+    by_hand = torch.cat([method.sample_logits(model, scorer, enc, 2, gen, **kw) for _ in range(2)])
+    assert chunked.shape == whole.shape == (4, 3, 4)
+    torch.testing.assert_close(chunked, by_hand, atol=1e-5, rtol=0)
+    assert not torch.allclose(chunked, whole, atol=1e-4)  # different draws, same layout
+    assert not torch.allclose(chunked[0], chunked[2], atol=1e-4)  # the second chunk draws new samples
+    if mode == "antithetic":  # each chunk of 2 is one mirrored pair
+        mean = scorer.choice_logits(model, enc)
+        for s in (0, 2):
+            assert ((chunked[s] + chunked[s + 1]) / 2 - mean).abs().max() < 0.1 * (chunked[s] - mean).abs().max()
+    method.config.sample_chunk = 3  # S = 4 in chunks of 3 and 1 (antithetic: one chunk of 4)
+    pred = method.predict(model, scorer, enc, n_samples=4, generator=torch.Generator().manual_seed(0))
+    assert pred.sample_probs.shape == (4, 3, 4)
+    torch.testing.assert_close(pred.probs.sum(-1), torch.ones(3))
+    with pytest.raises(MethodError, match="sample_chunk"):
+        build_method(name, {"sample_chunk": -1})
+
+
 def test_blob_head_predictive_needs_a_head_lora(examples):
     method, model, scorer = _prepared("blob", {"predictive": "head"},
                                       AdapterConfig(target_modules=["q_proj", "v_proj"]))
@@ -247,6 +281,10 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "predictive=head", "--option", "prompt=mean"]) == 2
     assert "head predictive" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--limit", "4", "--samples", "3", "--option", "sample_chunk=2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
+    assert main(["eval", str(run_dir), "--limit", "4", "--option", "sample_chunk=-2"]) == 2
+    assert "sample_chunk" in capsys.readouterr().err
     # a training-time option would have no effect on a saved run: refused, naming the ones that do work
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "prior_std=0.5"]) == 2
     err = capsys.readouterr().err

@@ -5,7 +5,8 @@
    reset to the current RSS just before the first step) up to after the last one (model loading excluded); on
    CUDA, ``torch.cuda.max_memory_allocated`` over the steps. One warm-up step is excluded from the timings.
 2. Predictive time of a BLoB model on one batch: the deterministic forward (posterior mean), S = 1, 4, 10 samples
-   as S sequential forwards vs ONE batched forward, the cheap head predictive (trunk once + S head samples) and
+   as S sequential forwards vs ONE batched forward (and, for the largest S, batched forwards of 2 and 5 samples:
+   ``--option sample_chunk=2|5``), the cheap head predictive (trunk once + S head samples) and
    one antithetic pair (eps, -eps) of full samples in one batched forward (``--option predictive=antithetic``),
    and the mean-prompt predictive (``--option prompt=mean``: the prompt once at the posterior mean, the samples on
    the scored positions only) with one antithetic pair, S antithetic and S independent samples.
@@ -178,6 +179,12 @@ def measure_predictive(config: SpeedConfig) -> list[dict]:
                 rows.append({"predictive": f"MC, {'one batched forward' if batched else 'sequential forwards'}",
                              "samples": s, "seconds": t})
         s = max(config.samples)
+        for chunk in (c for c in (2, 5) if c < s):
+            method.config.sample_chunk = chunk
+            t = _timed(lambda: method.sample_logits(model, scorer, enc, s, g), config.repeats)
+            rows.append({"predictive": f"MC, batched forwards of {chunk} samples (sample_chunk={chunk})",
+                         "samples": s, "seconds": t})
+        method.config.sample_chunk = 0
         t = _timed(lambda: head_sample_logits(model, scorer, enc, s, g), config.repeats)
         rows.append({"predictive": "head (trunk once + LM-head samples)", "samples": s, "seconds": t})
         t = _timed(lambda: method.sample_logits(model, scorer, enc, 2, g, antithetic=True), config.repeats)

@@ -99,6 +99,31 @@ class MethodConfig:
         return cls.from_dict({**saved, **overrides})
 
 
+def check_pairs(n_samples: int) -> None:
+    """An antithetic predictive draws its samples in mirrored pairs (eps, -eps): S must be even."""
+    if n_samples % 2:
+        raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be even, "
+                          f"but got {n_samples}")
+
+
+@dataclass
+class SampledConfig(MethodConfig):
+    """Options of the methods whose predictive runs posterior samples through the model (BLoB, MC-dropout, TFB,
+    sgp): ``sample_chunk`` bounds how many of the S samples share one batched forward."""
+
+    sample_chunk: int = field(default=0, metadata={"help": "test-time samples per batched forward (0: all S in "
+                                                            "one; a smaller chunk bounds the S x batch rows held "
+                                                            "in memory)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk")
+
+    def __post_init__(self):
+        super().__post_init__()
+        value = self.sample_chunk
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MethodError(f"Expected `sample_chunk` to be a non-negative int (0: all samples in one forward), "
+                              f"but got {value!r}")
+
+
 class BayesianMethod:
     """Base class. Subclasses set ``name``, ``description`` and ``config_cls`` and register themselves."""
 
@@ -182,25 +207,37 @@ class BayesianMethod:
                       antithetic: bool = False, mean_prompt: bool = False) -> torch.Tensor:
         """Choice logits of ``n_samples`` posterior samples, shape ``(S, B, C)``.
 
-        ``batched``: the S samples run as ONE forward over the batch repeated S times (question ``s * B + b`` uses
-        sample ``s * B + b``); otherwise S forwards one after the other (same distribution, for benchmarks).
-        ``antithetic`` (batched only): sample ``s + S / 2`` mirrors sample ``s`` (for an even S).
-        ``mean_prompt`` (batched only): the prompt runs once at the posterior mean and only the scored positions are
-        sampled (:meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`).
+        ``batched``: the samples run as batched forwards over the batch repeated, ``sample_chunk`` samples per
+        forward (the config's; 0 or absent: all S in ONE forward; question ``s * B + b`` of a forward uses sample
+        ``s * B + b``); otherwise S forwards one after the other (same distribution, for benchmarks).
+        ``antithetic`` (batched only): within each forward of ``s`` samples, sample ``i + s / 2`` mirrors sample
+        ``i`` (S even; an odd chunk is rounded up to keep the pairs together).
+        ``mean_prompt`` (batched only): the prompt runs once per forward at the posterior mean and only the scored
+        positions are sampled (:meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`).
         """
         B = batch.n_questions
-        if batched and mean_prompt:
-            return scorer.mean_prompt_logits(
-                model, batch, n_samples,
-                lambda: self.sampling(model, None, n_groups=n_samples * B, generator=generator, antithetic=antithetic))
-        if batched:
-            with self.sampling(model, None, n_groups=n_samples * B, generator=generator, antithetic=antithetic):
-                return scorer.choice_logits(model, batch.repeat(n_samples)).view(n_samples, B, -1)
+        if not batched:
+            out = []
+            for _ in range(n_samples):
+                with self.sampling(model, None, n_groups=B, generator=generator):
+                    out.append(scorer.choice_logits(model, batch))
+            return torch.stack(out)
+        chunk = getattr(self.config, "sample_chunk", 0) or n_samples
+        if antithetic:
+            chunk += chunk % 2
         out = []
-        for _ in range(n_samples):
-            with self.sampling(model, None, n_groups=B, generator=generator):
-                out.append(scorer.choice_logits(model, batch))
-        return torch.stack(out)
+        for start in range(0, n_samples, chunk):
+            s = min(chunk, n_samples - start)
+
+            def sampling(s=s):
+                return self.sampling(model, None, n_groups=s * B, generator=generator, antithetic=antithetic)
+
+            if mean_prompt:
+                out.append(scorer.mean_prompt_logits(model, batch, s, sampling))
+            else:
+                with sampling():
+                    out.append(scorer.choice_logits(model, batch.repeat(s)).view(s, B, -1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def state_dict(self, model) -> dict[str, torch.Tensor]:

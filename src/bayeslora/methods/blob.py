@@ -46,7 +46,7 @@ import torch
 from ..peft_ext import GaussianLoraA, device_generator, head_lora, replace_lora_A, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
-from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig, check_pairs
 from .registry import register_method
 
 
@@ -78,7 +78,7 @@ def gaussian_kl(mean: torch.Tensor, std: torch.Tensor, prior_std: float) -> torc
 
 
 @dataclass
-class BlobConfig(MethodConfig):
+class BlobConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: posterior mean)"})
     init_eps: float = field(default=0.05, metadata={"help": "rho ~ U(eps / sqrt(2), eps) at initialization"})
     prior_std: float = field(default=0.2, metadata={"help": "prior standard deviation beta of A"})
@@ -90,7 +90,7 @@ class BlobConfig(MethodConfig):
                                                             "mean (mc / antithetic: the prompt runs once at the "
                                                             "posterior mean, only the scored positions are "
                                                             "sampled)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "predictive", "prompt")
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "predictive", "prompt")
     rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
                                                                   "Adam moves rho by about lr per step whatever the "
                                                                   "KL weight, so a short schedule needs a larger one "
@@ -172,9 +172,8 @@ class Blob(BayesianMethod):
         if self.config.predictive == BlobPredictive.HEAD.value:
             return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
         antithetic = self.config.predictive == BlobPredictive.ANTITHETIC.value
-        if antithetic and n % 2:
-            raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be even, "
-                              f"but got {n}")
+        if antithetic:
+            check_pairs(n)
         return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
                                                                 antithetic=antithetic,
                                                                 mean_prompt=self.config.prompt == "mean"))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..peft_ext import SamplingState, StochasticLoraA, replace_lora_A
-from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig
 from .registry import register_method
 
 
@@ -44,7 +44,7 @@ class DropoutLoraA(StochasticLoraA):
 
 
 @dataclass
-class MCDropoutConfig(MethodConfig):
+class MCDropoutConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "stochastic forward passes at test time"})
     p: float = field(default=0.1, metadata={"help": "dropout probability on the LoRA input (A's columns)"})
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..peft_ext import SamplingState, StochasticLoraA, replace_lora_A, replace_lora_B
-from ..predictive import Predictive
-from ..scoring import ChoiceScorer, EncodedBatch
-from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig
 from .registry import register_method
 from .sgp_math import (
     MaskedAffineFlow,
@@ -44,7 +41,7 @@ def _inverse_softplus(y: float) -> float:
 
 
 @dataclass
-class SGPConfig(MethodConfig):
+class SGPConfig(SampledConfig):
     """Options of Bayesian-LoRA; defaults follow the reference code's ``inducing8`` configuration."""
 
     n_samples: int = field(default=4, metadata={"help": "posterior samples at test time (reference code: 4)"})
@@ -62,8 +59,8 @@ class SGPConfig(MethodConfig):
     max_sd_u: float = field(default=0.1, metadata={"help": "cap of that sd"})
     flow_hidden: int = field(default=16, metadata={"help": "hidden units of the MAF over U's rows (0: no flow)"})
     kl_weight: float = field(default=0.8, metadata={"help": "KL weight times 1/N (reference: 0.1/n_batches)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk")
-    sample_chunk: int = field(default=8, metadata={"help": "test-time samples per batched forward (memory bound)"})
+    sample_chunk: int = field(default=8, metadata={"help": "test-time samples per batched forward (0: all S in one; "
+                                                            "a memory bound)"})
     scale_lr: float | None = field(default=None, metadata={"help": "learning rate of the posterior scales (lambda "
                                                                     "and the inducing sd; default: the run's --lr). "
                                                                     "Adam moves their softplus parameters by ~lr per "
@@ -76,7 +73,7 @@ class SGPConfig(MethodConfig):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if not self.targets or not all(isinstance(t, str) for t in self.targets):
             raise MethodError(f"Expected `targets` to be a non-empty list of module names, but got {self.targets!r}")
-        for name in ("inducing_rows", "inducing_cols", "sample_chunk"):
+        for name in ("inducing_rows", "inducing_cols"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MethodError(f"Expected `{name}` to be a positive int, but got {value!r}")
@@ -261,16 +258,3 @@ class SGP(BayesianMethod):
     def kl_scale(self, n_train: int) -> float:
         return self.config.kl_weight / max(n_train, 1)
 
-    @torch.no_grad()
-    def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
-                generator: torch.Generator | None = None) -> Predictive:
-        S = self.resolve_samples(n_samples)
-        if S == 0:
-            return Predictive.from_logits(scorer.choice_logits(model, batch))
-        B, C = batch.choice_mask.shape
-        chunks = []
-        for start in range(0, S, self.config.sample_chunk):
-            s = min(self.config.sample_chunk, S - start)
-            with self.sampling(model, None, n_groups=s * B, generator=generator):
-                chunks.append(scorer.choice_logits(model, batch.repeat(s)).view(s, B, C))
-        return Predictive.from_sample_logits(torch.cat(chunks))
