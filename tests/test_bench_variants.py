@@ -82,6 +82,11 @@ def test_posthoc_ablation_reuses_the_grids_mle_run(grid):
     original = json.loads((grid / "runs" / "mle-arith-s1" / "run.json").read_text())
     assert copied == original  # copied, not retrained
     assert rows[0]["mle_train_time_s"] == original["train_time_s"]
+    # a report of one method's ablations: its rows next to the grid's MLE, without the predictive variants
+    md = variants.report(grid, split="test", ablations=["temperature"])
+    assert md.startswith("## Methods: ablations of temperature")
+    assert "| temperature-max_iter=20 | temperature | 1 |" in md and "| grid (preset defaults) | mle | 1 |" in md
+    assert "### Predictives" not in md and "| blob" not in md and "blob-" not in md
 
 
 def test_bad_requests_are_clear_errors(tmp_path, grid):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -215,6 +216,82 @@ def test_tfb_per_anchor_tolerance_allows_n_anchor_times_the_change(mle_run, tmp_
 
     with pytest.raises(ValueError, match="tolerance"):
         build_method("tfb", {"tolerance": "absolute"})
+
+
+@pytest.mark.parametrize("best", [0.02, 3e-4, 0.5])
+def test_tfb_val_nll_scan_finds_the_minimum(best):
+    """fit=val_nll: half-decade steps up from 1e-3 until the NLL rises, one parabolic step; on a parabola in
+    log sigma it lands on the minimum (clamped to the scan's first sigma when the minimum lies below it)."""
+    from bayeslora.methods import build_method
+
+    method = build_method("tfb", {"fit": "val_nll", "search_steps": 6})
+    calls = []
+
+    def evaluate(sigma):
+        calls.append(sigma)
+        return 1.0 - 0.1 + 0.01 * (math.log(sigma) - math.log(best)) ** 2, 0.5
+
+    sigma, value, acc, n = method._scan_min(evaluate, 1.0, 0.5)
+    assert n == len(calls) <= 8 and value == evaluate(sigma)[0] < 1.0 and acc == 0.5
+    assert sigma == pytest.approx(max(best, 1e-3), rel=0.05)
+
+
+def test_tfb_val_nll_scan_edges_and_accuracy_limit():
+    from bayeslora.methods import build_method
+
+    method = build_method("tfb", {"fit": "val_nll", "search_steps": 6})
+    assert method._scan_min(lambda s: (1.0 + s, 0.5), 1.0, 0.5) == (0.0, 1.0, 0.5, 2)  # noise hurts: the adapter
+    sigma, value, _, n = method._scan_min(lambda s: (1.0 - s, 0.5), 1.0, 0.5)  # noise helps up to sigma_max
+    assert sigma == 1.0 and value == 0.0 and n == 7  # 1e-3 * 10^(k/2), k = 0..6 (the last one the cap)
+    # NLL keeps falling but the answers go: the largest sigma within 1 point of the adapter's accuracy, no further
+    sigma, value, acc, n = method._scan_min(lambda s: (1.0 - s, 0.5 if s < 0.05 else 0.3), 1.0, 0.5)
+    assert sigma == pytest.approx(0.0316, rel=1e-3) and acc == 0.5 and n == 5
+    unlimited = build_method("tfb", {"fit": "val_nll", "search_steps": 6, "max_acc_drop": 1.0})
+    assert unlimited._scan_min(lambda s: (1.0 - s, 0.5 if s < 0.05 else 0.3), 1.0, 0.5)[0] == 1.0
+    for bad, match in (({"fit": "val"}, "fit"), ({"fit": "val_nll", "search_samples": 3}, "even"),
+                       ({"max_acc_drop": 2.0}, "max_acc_drop")):
+        with pytest.raises(ValueError, match=match):
+            build_method("tfb", bad)
+
+
+def test_tfb_val_nll_fit_tunes_sigma_on_validation(mle_run, tmp_path):
+    """fit=val_nll reads the validation split (true labels), never raises the validation NLL above the adapter's,
+    and saves a run that reloads to the same predictions; without validation examples it is a clear error."""
+    options = {**TFB_FAST, "fit": "val_nll", "sigma_max": 10.0}
+    mem, run = _fit_in_memory("tfb", options, mle_run, tmp_path)
+    fit = run.info["fit"]
+    assert mem.method.tune_split == fit["tune_split"] == "validation" and fit["n_val"] == 12
+    assert fit["val_nll"] <= fit["val_nll0"] and 2 <= fit["n_evaluations"] <= 5
+    assert fit["val_acc"] >= fit["val_acc0"] - 0.01
+    qs = _questions(5)
+    torch.testing.assert_close(mem.predict(qs, seed=3).probs, run.predict(qs, seed=3).probs, atol=1e-5, rtol=1e-4)
+    from bayeslora.methods import MethodError, build_method
+
+    model, scorer = _adapter_model(mle_run)
+    with pytest.raises(MethodError, match="validation"):
+        build_method("tfb", options).fit(model, scorer, _questions(4, "train"), validation=[])
+
+
+def test_tfb_antithetic_predictive(mle_run, tmp_path, capsys):
+    """predictive=antithetic: S / 2 mirrored pairs around the adapter; an odd S is refused; it is a prediction
+    option, so `bayeslora eval --option predictive=antithetic` applies it to a saved run."""
+    from bayeslora.cli import main
+    from bayeslora.methods import MethodError
+
+    mem, run = _fit_in_memory("tfb", {**TFB_FAST, "predictive": "antithetic", "n_samples": 4}, mle_run, tmp_path)
+    qs = _questions(5)
+    pred = run.predict(qs, seed=3)
+    assert pred.sample_probs.shape == (4, 5, 4) and pred.epistemic.max() > 0
+    torch.testing.assert_close(pred.probs, mem.predict(qs, seed=3).probs, atol=1e-5, rtol=1e-4)
+    with pytest.raises(MethodError, match="even"):
+        run.predict(qs, n_samples=3)
+    with pytest.raises(ValueError, match="predictive"):
+        from bayeslora.methods import build_method
+
+        build_method("tfb", {"predictive": "head"})
+    out = tmp_path / "tfb"
+    assert main(["eval", str(out), "--limit", "4", "--samples", "2", "--option", "predictive=antithetic"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
 
 
 def test_tfb_bisect_fit(mle_run, tmp_path):

@@ -188,7 +188,7 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
             "dataset": dataset, "n_choices": max(ex.n_choices for ex in examples), "status": "done",
             "source": {"path": str(source), "kind": src.kind, "method": src.method},
             "fit": {"split": split, "n_examples": len(examples), "seed": seed, "time_s": round(fit_time, 3),
-                    **fitted}}
+                    **({"tune_split": meth.tune_split} if meth.tune_split else {}), **fitted}}
     with atomic_dir(out) as tmp:
         meth.save(peft_model, tmp)
         loaded.tokenizer.save_pretrained(str(tmp / "tokenizer"))

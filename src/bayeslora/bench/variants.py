@@ -4,7 +4,8 @@ subsets and cell machinery, so their numbers sit next to the grid's::
 
     python -m bayeslora.bench.variants predictive runs/fewshot     # BLoB: MC S=2/10/40, antithetic S=2/10, head
                                                                    # S=10, posterior mean, mean prompt; MLE;
-                                                                   # sgp: S = 1, 4, 10, 32
+                                                                   # sgp: S = 1, 4, 10, 32; TFB: MC and
+                                                                   # antithetic S=4
     python -m bayeslora.bench.variants ablate runs/fewshot --method blob --option init_eps=0.3
     python -m bayeslora.bench.variants report runs/fewshot --md docs/results/methods.md
 
@@ -45,6 +46,7 @@ PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
              ("mean prompt, MC S=10", {"predictive": "mc", "prompt": "mean"}, 10),
              ("mean prompt, antithetic S=10", {"predictive": "antithetic", "prompt": "mean"}, 10)],
     "sgp": [("S=1", {}, 1), ("S=4", {}, 4), ("S=10", {}, 10), ("S=32", {}, 32)],
+    "tfb": [("MC S=4", {"predictive": "mc"}, 4), ("antithetic S=4", {"predictive": "antithetic"}, 4)],
 }
 REFERENCE = ("mle", "deterministic")
 MC_REFERENCE = ("blob", "MC S=10")
@@ -177,15 +179,19 @@ def posterior_std_summary(run_dir: Path, model: str) -> dict | None:
     return {"std": std.mean().item(), "abs_mean": mean.abs().mean().item()}
 
 
-def _ablation_folders(grid: Path) -> list[Path]:
+def _ablation_folders(grid: Path, methods: list[str] | None = None) -> list[Path]:
+    """The grid's ablation folders (those of ``methods`` only, when given)."""
     folder = Path(grid) / ABLATIONS_DIR
-    return sorted(p for p in folder.glob("*") if (p / GRID_FILE).is_file()) if folder.is_dir() else []
+    found = sorted(p for p in folder.glob("*") if (p / GRID_FILE).is_file()) if folder.is_dir() else []
+    return [p for p in found if methods is None or p.name.split("-", 1)[0] in methods]
 
 
 def predictive_table(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(no predictive variants evaluated yet)"]
-    ref_time = {(r["dataset"], r["seed"]): r["eval_time_s"] for r in rows if (r["method"], r["variant"]) == REFERENCE}
+    # time reference: the MLE deterministic forward of the same seed, in the same grid or ablation folder (group)
+    ref_time = {(r.get("group", ""), r["dataset"], r["seed"]): r["eval_time_s"] for r in rows
+                if (r["method"].split(" (")[0], r["variant"]) == REFERENCE}
     # NLL reference: the MC S=10 predictive of the same run (same method label, dataset and seed)
     ref_nll = {(r["method"], r["dataset"], r["seed"]): r["nll"] for r in rows if r["variant"] == MC_REFERENCE[1]}
     lines = ["| method | predictive | seeds | ACC (%) | ECE (%) | NLL | NLL vs MC S=10 (%) | eval time vs MLE |",
@@ -196,7 +202,9 @@ def predictive_table(rows: list[dict]) -> list[str]:
         keys = [(r["dataset"], r["seed"]) for r in sel]
         rel_nll = [100 * (r["nll"] / ref_nll[method, *k] - 1) for r, k in zip(sel, keys, strict=True)
                    if (method, *k) in ref_nll]
-        rel_time = [r["eval_time_s"] / ref_time[k] for r, k in zip(sel, keys, strict=True) if k in ref_time]
+        times = [(r["eval_time_s"], ref_time.get((r.get("group", ""), *k), ref_time.get(("", *k))))
+                 for r, k in zip(sel, keys, strict=True)]
+        rel_time = [t / ref for t, ref in times if ref]
         lines.append(f"| {method} | {variant} | {','.join(str(r['seed']) for r in sel)} | "
                      f"{_mean_std([100 * r['acc'] for r in sel], 1)} | {_mean_std([r['ece'] for r in sel], 2)} | "
                      f"{_mean_std([r['nll'] for r in sel], 3)} | {_mean_std(rel_nll, 2)} | "
@@ -205,9 +213,9 @@ def predictive_table(rows: list[dict]) -> list[str]:
 
 
 def ablation_table(grid: Path, config, split: str, methods: list[str]) -> list[str]:
-    """The grid's own cells of ``methods`` next to every ablation's, on ``split``."""
+    """The grid's own cells of ``methods`` next to the ablations of ``methods``, on ``split``."""
     groups: list[tuple[str, Path, list[dict]]] = [("grid (preset defaults)", grid, read_results(grid))]
-    groups += [(folder.name, folder, read_results(folder)) for folder in _ablation_folders(grid)
+    groups += [(folder.name, folder, read_results(folder)) for folder in _ablation_folders(grid, methods)
                if (folder / "results.jsonl").is_file()]
     lines = ["| cells | method | seeds | ACC (%) | ECE (%) | NLL | mean epistemic | posterior std of A | mean abs A |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -260,25 +268,33 @@ def noise_floor_lines(grid: Path, split: str) -> list[str]:
     return lines
 
 
-def report(grid: Path, split: str = "test") -> str:
+def report(grid: Path, split: str = "test", ablations: list[str] | None = None) -> str:
+    """The Markdown fragment; ``ablations`` (method names): only the ablations of those methods (and the predictive
+    variants of their runs)."""
     grid = Path(grid)
     config = load_grid(grid)
     rows = _read_jsonl(grid / VARIANTS_DIR / PREDICTIVE_FILE)
-    for folder in _ablation_folders(grid):  # predictives of ablated runs: the method is labelled with the ablation
-        rows += [{**r, "method": f"{r['method']} ({folder.name.split('-', 1)[1]})"}
+    if ablations:  # only the predictives of those ablations' runs; the grid's MLE forward stays as time reference
+        rows = [r for r in rows if (r["method"], r["variant"]) == REFERENCE]
+    for folder in _ablation_folders(grid, ablations):  # predictives of ablated runs, labelled with the ablation
+        rows += [{**r, "method": f"{r['method']} ({folder.name.split('-', 1)[1]})", "group": folder.name}
                  for r in _read_jsonl(folder / VARIANTS_DIR / PREDICTIVE_FILE)]
-    ablated = sorted({p.name.split("-", 1)[0] for p in (grid / ABLATIONS_DIR).glob("*")}) \
-        if (grid / ABLATIONS_DIR).is_dir() else []
+    ablated = sorted({p.name.split("-", 1)[0] for p in _ablation_folders(grid, ablations)})
     methods = ["mle", *ablated]
-    lines = ["## Methods: predictive variants and ablations (`python -m bayeslora.bench.variants`)", "",
+    predictives = [
+        "### Predictives of the same trained runs", "",
+        "`python -m bayeslora.bench.variants predictive "
+        + (f"{grid / ABLATIONS_DIR}/FOLDER --methods mle,{','.join(ablations)}` on each ablation folder"
+           if ablations else f"{grid}`") + ". Eval time: wall time of the whole "
+        "subset after one warm-up batch, as a ratio to the MLE run's deterministic forward of the same seed "
+        "(measured in one process, one after the other).", "",
+        *predictive_table(rows), ""] if not ablations or any(r.get("group") for r in rows) else []
+    title = "predictive variants and ablations" if not ablations else f"ablations of {', '.join(ablations)}"
+    lines = [f"## Methods: {title} (`python -m bayeslora.bench.variants`)", "",
              f"On the cells of the calibration grid `{grid}` (preset `{config.preset.name}`: "
              f"{config.preset.description}); every number is on the grid's fixed `{split}` subset. Mean ± sample std "
              "over seeds.", "",
-             "### Predictives of the same trained runs", "",
-             "`python -m bayeslora.bench.variants predictive " + str(grid) + "`. Eval time: wall time of the whole "
-             "subset after one warm-up batch, as a ratio to the MLE run's deterministic forward of the same seed "
-             "(measured in one process, one after the other).", "",
-             *predictive_table(rows), "",
+             *predictives,
              "### ECE noise floor", "",
              f"ECE of the MLE run's own `{split}` predictions with the labels redrawn from those predictions (a model "
              "calibrated by construction), 2000 draws: what ECE shows on this many questions from sampling noise "
@@ -316,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("grid")
     rep.add_argument("--md", required=True)
     rep.add_argument("--split", default="test")
+    rep.add_argument("--ablations", default=None, metavar="METHODS",
+                     help="comma-separated methods: only their ablations, next to the grid's MLE cells")
     args = parser.parse_args(argv)
     try:
         if args.command == "predictive":
@@ -326,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
             print(f"wrote {run_ablation(Path(args.grid), args.method, options, seeds)}")
         else:
-            atomic_write_text(Path(args.md), report(Path(args.grid), args.split))
+            atomic_write_text(Path(args.md), report(Path(args.grid), args.split, ablations=_csv(args.ablations)))
             print(f"wrote {args.md}")
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,27 +36,52 @@ The tolerance (``tolerance``):
   overconfident on its anchors stays overconfident; the per-anchor rule is what lets the reference's TFB spread
   its predictions (cpu-overfit, 3 seeds: test NLL -2% to -4% against MLE, where the relative rule gives -0.3% to
   +0.1%; docs/FINDINGS.md, finding 8).
+
+What sigma is fitted to (``fit``):
+
+- ``anchor`` (default; the paper's): the search above, on the adapter's own predictions.
+- ``val_nll`` (ours; like Laplace's ``prior=val_nll``): the sigma with the lowest NLL of the true labels of
+  ``n_val`` validation questions under the ``search_samples`` antithetic-sample predictive (common random numbers),
+  sigma = 0 when no sigma beats the adapter. Only sigmas whose validation accuracy stays within ``max_acc_drop``
+  (default 0.01) of the adapter's count: on an adapter whose NLL is worse than a uniform guess, NLL alone rewards
+  noise that wipes out the answers (cpu-overfit seed 1 without the limit: sigma 0.32, test accuracy 50% -> 23%).
+  A scan in half-decades up from 1e-3 until the NLL rises or the accuracy drops beyond the limit, then one
+  parabolic step in log sigma (:meth:`TFB._scan_min`): typically 4-7 evaluations. The anchor rules hold the
+  adapter's own answers nearly fixed, so an overconfident adapter stays overconfident; this one asks how far the
+  noise family can calibrate it.
+
+Prediction: ``n_samples`` independent samples (``predictive="mc"``), or mirrored pairs (eps, -eps) as for BLoB
+(``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
-from .base import MethodConfig, MethodError
+from ..predictive import Predictive
+from .base import MethodError, SampledConfig, check_pairs
 from .posthoc_base import PosthocMethod, batches, in_float32, subsample
 from .registry import register_method
 
 SEARCHES = ("secant", "bisect")
 TOLERANCES = ("relative", "per-anchor")
+FITS = ("anchor", "val_nll")
+PREDICTIVES = ("mc", "antithetic")
+#: fit=val_nll: the scan's first sigma and its step (half a decade)
+VAL_SCAN_START, VAL_SCAN_FACTOR = 1e-3, math.sqrt(10.0)
 
 
 @dataclass
-class TFBConfig(MethodConfig):
+class TFBConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: the adapter itself)"})
+    predictive: str = field(default="mc", metadata={"help": "mc (independent samples) | antithetic (mirrored pairs "
+                                                            "(eps, -eps); S even)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "predictive")
     tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
     search_samples: int = field(default=10, metadata={"help": "posterior samples per anchor NLL evaluation"})
@@ -70,12 +95,19 @@ class TFBConfig(MethodConfig):
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
     search_dtype: str = field(default="float32", metadata={"help": "float32 (a half-precision model is searched in "
                                                                    "float32) | model (its own dtype)"})
+    fit: str = field(default="anchor", metadata={"help": "anchor (the paper's: the largest sigma within tau on the "
+                                                         "anchors) | val_nll (the sigma with the lowest validation "
+                                                         "NLL, true labels)"})
+    n_val: int = field(default=200, metadata={"help": "validation questions for fit=val_nll"})
+    max_acc_drop: float = field(default=0.01, metadata={"help": "fit=val_nll: largest drop of the validation accuracy "
+                                                                "allowed (1: no limit); the scan stops at the first "
+                                                                "sigma beyond it"})
 
     def __post_init__(self):
         super().__post_init__()
         if not self.tau > 0:
             raise MethodError(f"Expected `tau` > 0, but got {self.tau!r}")
-        for name in ("n_anchor", "search_samples", "search_steps"):
+        for name in ("n_anchor", "search_samples", "search_steps", "n_val"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise MethodError(f"Expected `{name}` to be a positive int, but got {value!r}")
@@ -85,6 +117,15 @@ class TFBConfig(MethodConfig):
             raise MethodError(f"Unknown `search` {self.search!r}; expected one of {', '.join(SEARCHES)}")
         if self.tolerance not in TOLERANCES:
             raise MethodError(f"Unknown `tolerance` {self.tolerance!r}; expected one of {', '.join(TOLERANCES)}")
+        if not 0 <= self.max_acc_drop <= 1:
+            raise MethodError(f"Expected 0 <= `max_acc_drop` <= 1, but got {self.max_acc_drop!r}")
+        if self.predictive not in PREDICTIVES:
+            raise MethodError(f"Unknown `predictive` {self.predictive!r}; expected one of {', '.join(PREDICTIVES)}")
+        if self.fit not in FITS:
+            raise MethodError(f"Unknown `fit` {self.fit!r}; expected one of {', '.join(FITS)}")
+        if self.fit == "val_nll" and self.search_samples % 2:
+            raise MethodError(f"fit=val_nll draws its samples in antithetic pairs: `search_samples` must be even, "
+                              f"but got {self.search_samples}")
         if not 0 < self.sigma_min < self.sigma_max:
             raise MethodError(f"Expected 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r}, {self.sigma_max!r}")
 
@@ -122,6 +163,18 @@ class TFB(PosthocMethod):
     def attach(self, model) -> None:
         replace_lora_A(model, _gaussian_factory)
 
+    @property
+    def tune_split(self) -> str | None:
+        return "validation" if self.config.fit == "val_nll" else None
+
+    @torch.no_grad()
+    def predict(self, model, scorer, batch, n_samples=None, generator=None) -> Predictive:
+        n = self.resolve_samples(n_samples)
+        if n == 0 or self.config.predictive == "mc":
+            return super().predict(model, scorer, batch, n, generator)
+        check_pairs(n)
+        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator, antithetic=True))
+
     def _reparameterize(self, model) -> list[tuple[GaussianLoraA, torch.Tensor]]:
         """Rewrite every (A, B) in SVD form and make A Gaussian; returns (layer, 1 / d) with 1/0 := 0."""
         for _, layer in lora_layers(model):
@@ -147,40 +200,52 @@ class TFB(PosthocMethod):
                 module.rho.copy_((sigma * inv).to(module.rho.dtype))
 
     @torch.no_grad()
-    def _anchor_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int) -> float:
-        """Mean NLL of the pseudo-labels under the S-sample predictive (common random numbers: fixed seed;
-        antithetic sample pairs for the secant search)."""
+    def _anchor_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int,
+                    antithetic: bool) -> tuple[float, float]:
+        """Mean NLL of the labels ``pseudo`` (the adapter's own, or the true ones for fit=val_nll) under the
+        S-sample predictive (common random numbers: fixed seed; antithetic pairs for the secant and val_nll
+        searches), and the predictive's accuracy on them."""
         generator = torch.Generator().manual_seed(seed)
-        total, count = 0.0, 0
+        total, count, correct = 0.0, 0, 0
         for enc, labels in zip(encoded, pseudo, strict=True):
             if n_samples == 0:
                 probs = torch.softmax(scorer.choice_logits(model, enc).float(), -1)
             else:
-                logits = self.sample_logits(model, scorer, enc, n_samples, generator,
-                                            antithetic=self.config.search == "secant")
+                logits = self.sample_logits(model, scorer, enc, n_samples, generator, antithetic=antithetic)
                 probs = torch.softmax(logits.float(), -1).mean(0)
             total += -probs.gather(1, labels[:, None]).clamp_min(1e-30).log().sum().item()
+            correct += int((probs.argmax(-1) == labels).sum())
             count += labels.shape[0]
-        return total / count
+        return total / count, correct / count
 
-    def fit(self, model, scorer, examples, batch_size=8, generator=None) -> dict:
+    def fit(self, model, scorer, examples, batch_size=8, generator=None, validation=None) -> dict:
+        if self.config.fit == "val_nll" and not validation:
+            raise MethodError("fit=val_nll needs validation examples and the split is empty: use a dataset with a "
+                              "validation split, or the default fit=anchor")
+        fit = self._fit_val_nll if self.config.fit == "val_nll" else self._fit
+        data = validation if self.config.fit == "val_nll" else examples
         if self.config.search_dtype == "float32":
             with in_float32(model):
-                return self._fit(model, scorer, examples, batch_size, generator)
-        return self._fit(model, scorer, examples, batch_size, generator)
+                return fit(model, scorer, data, batch_size, generator)
+        return fit(model, scorer, data, batch_size, generator)
+
+    @staticmethod
+    def _encode(scorer, model, examples, batch_size) -> list:
+        n_choices = max(ex.n_choices for ex in examples)
+        device = next(model.parameters()).device
+        return [scorer.encode(chunk, n_choices=n_choices).to(device) for chunk in batches(examples, batch_size)]
 
     def _fit(self, model, scorer, examples, batch_size, generator) -> dict:
         cfg = self.config
         anchors = subsample(examples, cfg.n_anchor, generator)
-        n_choices = max(ex.n_choices for ex in anchors)
-        device = next(model.parameters()).device
-        encoded = [scorer.encode(chunk, n_choices=n_choices).to(device) for chunk in batches(anchors, batch_size)]
+        encoded = self._encode(scorer, model, anchors, batch_size)
         scales = self._reparameterize(model)
         self._set_sigma(scales, 0.0)
         with torch.no_grad():
             pseudo = [scorer.choice_logits(model, enc).argmax(-1) for enc in encoded]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        nll0 = self._anchor_nll(model, scorer, encoded, pseudo, 0, seed)
+        antithetic = cfg.search == "secant"
+        nll0, _ = self._anchor_nll(model, scorer, encoded, pseudo, 0, seed, antithetic)
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's anchor NLL is {nll0}: the source adapter is broken (NaN weights?)")
         evaluations: list[tuple[float, float]] = []
@@ -188,7 +253,7 @@ class TFB(PosthocMethod):
 
         def rel_change(sigma: float) -> float:
             self._set_sigma(scales, sigma)
-            nll = self._anchor_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed)
+            nll, _ = self._anchor_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed, antithetic)
             evaluations.append((sigma, nll))
             return abs(nll - nll0) / max(nll0, 1e-12) / per
 
@@ -197,6 +262,65 @@ class TFB(PosthocMethod):
         best = next((nll for s, nll in reversed(evaluations) if s == sigma), nll0)
         return {"sigma": sigma, "anchor_nll0": nll0, "anchor_nll": best, "n_anchor": len(anchors),
                 "n_evaluations": len(evaluations), "allowed_change": cfg.tau * per}
+
+    def _fit_val_nll(self, model, scorer, validation, batch_size, generator) -> dict:
+        """sigma minimizing the validation NLL (true labels) of the ``search_samples`` antithetic-sample predictive
+        (common random numbers), 0 when no sigma beats the adapter itself: :meth:`_scan_min`."""
+        cfg = self.config
+        val = subsample(validation, cfg.n_val, generator)
+        encoded = self._encode(scorer, model, val, batch_size)
+        labels = [enc.labels for enc in encoded]
+        scales = self._reparameterize(model)
+        self._set_sigma(scales, 0.0)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        nll0, acc0 = self._anchor_nll(model, scorer, encoded, labels, 0, seed, True)
+        if not math.isfinite(nll0):
+            raise MethodError(f"The adapter's validation NLL is {nll0}: the source adapter is broken (NaN weights?)")
+
+        def val_nll(sigma: float) -> tuple[float, float]:
+            self._set_sigma(scales, sigma)
+            return self._anchor_nll(model, scorer, encoded, labels, cfg.search_samples, seed, True)
+
+        sigma, nll, acc, n_evaluations = self._scan_min(val_nll, nll0, acc0)
+        self._set_sigma(scales, sigma)
+        return {"sigma": sigma, "val_nll0": nll0, "val_nll": nll, "val_acc0": acc0, "val_acc": acc,
+                "n_val": len(val), "n_evaluations": n_evaluations}
+
+    def _scan_min(self, evaluate, nll0: float, acc0: float) -> tuple[float, float, float, int]:
+        """``(sigma, nll, accuracy, evaluations)`` of the lowest NLL found among the sigmas whose accuracy is at
+        most ``max_acc_drop`` below ``acc0`` (``evaluate(sigma) -> (nll, accuracy)``): half-decade steps up from
+        ``VAL_SCAN_START`` (clamped to [sigma_min, sigma_max]) until the NLL rises or the accuracy drops beyond the
+        limit, then one parabolic step in log sigma through the lowest point and its two neighbours. sigma 0
+        (``nll0``, ``acc0``) wins ties: no noise unless it helps. At most ``search_steps`` + 2 evaluations."""
+        cfg = self.config
+        budget = cfg.search_steps + 2
+
+        def allowed(point) -> bool:
+            return point[2] >= acc0 - cfg.max_acc_drop - 1e-9
+
+        points: list[tuple[float, float, float]] = []  # (sigma, nll, accuracy), sigma increasing
+        sigma = min(max(VAL_SCAN_START, cfg.sigma_min), cfg.sigma_max)
+        while len(points) < budget:
+            points.append((sigma, *evaluate(sigma)))
+            if not allowed(points[-1]) or sigma >= cfg.sigma_max \
+                    or (len(points) > 1 and points[-1][1] > points[-2][1]):
+                break
+            sigma = min(sigma * VAL_SCAN_FACTOR, cfg.sigma_max)
+        candidates = [j for j, p in enumerate(points) if allowed(p)]
+        i = min(candidates, key=lambda j: points[j][1]) if candidates else -1
+        if 0 < i < len(points) - 1 and len(points) < budget:
+            (s0, f0, _), (s1, f1, _), (s2, f2, _) = points[i - 1:i + 2]
+            x0, x1, x2 = math.log(s0), math.log(s1), math.log(s2)
+            curvature = (f2 - f1) / (x2 - x1) - (f1 - f0) / (x1 - x0)
+            if curvature > 0:  # vertex of the parabola through the three points, inside the bracket
+                vertex = 0.5 * (x1 + x2) - (f2 - f1) / (x2 - x1) * (x2 - x0) / (2 * curvature)
+                vertex = min(max(vertex, x0), x2)
+                if abs(vertex - x1) > 1e-3:
+                    points.append((math.exp(vertex), *evaluate(math.exp(vertex))))
+        best = min((p for p in points if allowed(p)), key=lambda p: p[1], default=None)
+        if best is None or not best[1] < nll0:
+            return 0.0, nll0, acc0, len(points)
+        return (*best, len(points))
 
     def _bisect(self, rel_change) -> float:
         """Largest sigma in [sigma_min, sigma_max] with rel_change(sigma) <= tau (bisection in log sigma, assuming
