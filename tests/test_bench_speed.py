@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from bayeslora.cli import main
 
@@ -19,12 +20,17 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert ("MC, one batched forward", 2) in kinds and ("MC, sequential forwards", 2) in kinds
     assert ("antithetic pair (eps, -eps), one batched forward", 2) in kinds
     assert ("MC, batched forwards of 2 samples (sample_chunk=2)", 3) in kinds  # chunks of 2 and 1
+    memory = result["predictive_memory"]  # one fresh subprocess per row, S = 3
+    assert [r["samples"] for r in memory] == [0, 3, 3, 3, 3]
+    assert memory[0]["x_peak"] == 1.0 or math.isnan(memory[0]["x_peak"])  # nan: no growth at all
+    assert all(r["peak_mib"] >= 0 for r in memory)
     # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
                  "--steps", "1", "--repeats", "1", "--samples", "2,3", "--json", str(raw)]) == 0
     assert "reusing the finished parts" in capsys.readouterr().err
     text = md.read_text()
     assert "| blob |" in text and "Versions:" in text and "bench speed" in text
+    assert "Peak memory of one predictive" in text and "| MC, sequential forwards | 3 |" in text
     one_pass, shared = result["scoring"]
     assert one_pass["scoring"].startswith("one pass") and shared["scoring"].startswith("shared")
     assert one_pass["x_forward"] == 1.0 and shared["x_forward"] > 0

@@ -10,7 +10,8 @@
    one antithetic pair (eps, -eps) of full samples in one batched forward (``--option predictive=antithetic``),
    and the mean-prompt predictive (``--option prompt=mean``: the prompt once at the posterior mean, the samples on
    the scored positions only) with one antithetic pair, S antithetic and S independent samples.
-   Median of ``repeats`` timed runs after one warm-up run.
+   Median of ``repeats`` timed runs after one warm-up run. Then the peak memory of the deterministic forward and of
+   S = max one batched forward, chunks of 5 and 2, and S sequential forwards, each in its own subprocess.
 3. Cloze scoring of one batch with each question's shared context run once (prefix pass + continuations on its KV
    cache, the default) vs every (question, choice) row in full: forward and forward + backward of the MLE model.
 4. Post-hoc fit cost (part ``posthoc``, not in the default parts: minutes on a CPU): an MLE adapter trained for
@@ -200,6 +201,34 @@ def measure_predictive(config: SpeedConfig) -> list[dict]:
     return rows
 
 
+#: memory rows of the predictive part: (label, sample_chunk) at the largest S; None: the deterministic forward,
+#: -1: S sequential forwards
+PEAK_ROWS = (("deterministic forward (posterior mean)", None), ("MC, one batched forward", 0),
+             ("MC, batched forwards of 5 samples (sample_chunk=5)", 5),
+             ("MC, batched forwards of 2 samples (sample_chunk=2)", 2), ("MC, sequential forwards", -1))
+
+
+def measure_predictive_peak(config: SpeedConfig, row: int) -> dict:
+    """Peak memory growth of one predictive of :data:`PEAK_ROWS` on one batch, its first run in a fresh process
+    (no warm-up, so nothing the allocator kept from an earlier run hides its peak)."""
+    label, chunk = PEAK_ROWS[row]
+    method, model, scorer = _setup(config, "blob")
+    model.eval()
+    enc = _batch(config, "validation", scorer.tokenizer, scorer).to(next(model.parameters()).device)
+    g = torch.Generator().manual_seed(0)
+    s = max(config.samples)
+    method.config.sample_chunk = max(chunk or 0, 0)
+    with torch.no_grad():
+        start = _peak_start()
+        if chunk is None:
+            scorer.choice_logits(model, enc)
+        else:
+            method.sample_logits(model, scorer, enc, s, g, batched=chunk != -1)
+        _sync()
+        peak = _peak_growth_mib(start)
+    return {"predictive": label, "samples": 0 if chunk is None else s, "peak_mib": peak}
+
+
 def measure_scoring(config: SpeedConfig) -> list[dict]:
     """Shared-context cloze scoring vs one pass per row on one batch (empty for a letter-format model)."""
     from ..scoring import ClozeScorer
@@ -340,6 +369,13 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
         log("[speed] predictive")
         result["predictive"] = measure_predictive(config)
         _save_partial(partial, result)
+    if "predictive" in config.parts and "predictive_memory" not in result:
+        log("[speed] predictive: peak memory, one subprocess per row")
+        rows = [_subprocess("--predictive-peak", config, str(i)) for i in range(len(PEAK_ROWS))]
+        for row in rows:
+            row["x_peak"] = row["peak_mib"] / rows[0]["peak_mib"] if rows[0]["peak_mib"] > 0 else float("nan")
+        result["predictive_memory"] = rows
+        _save_partial(partial, result)
     if "scoring" in config.parts and "scoring" not in result:
         log("[speed] cloze scoring: shared context vs one pass")
         result["scoring"] = measure_scoring(config)
@@ -396,6 +432,12 @@ def _predictive_lines(result: dict) -> list[str]:
     lines += ["| predictive | S | seconds | x deterministic |", "|---|---|---|---|"]
     for r in result["predictive"]:
         lines.append(f"| {r['predictive']} | {r['samples']} | {r['seconds']:.3f} | {r['x_deterministic']:.2f} |")
+    if "predictive_memory" in result:
+        lines += ["", "Peak memory of one predictive on the same batch, each in a fresh subprocess, its first run "
+                  "(growth of the peak RSS on CPU, `max_memory_allocated` on CUDA, model loading excluded):", "",
+                  "| predictive | S | peak MiB | x deterministic |", "|---|---|---|---|"]
+        for r in result["predictive_memory"]:
+            lines.append(f"| {r['predictive']} | {r['samples']} | {r['peak_mib']:.0f} | {r['x_peak']:.2f} |")
     return [*lines, ""]
 
 
@@ -446,10 +488,13 @@ def write_speed(result: dict, md_path: Path | None, json_path: Path | None, comm
     return text
 
 
-if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] in ("--train-step", "--posthoc-fit"):
-    # internal: one method's measurement in a fresh process (see _subprocess)
+if __name__ == "__main__" and len(sys.argv) >= 4 and sys.argv[1] in ("--train-step", "--posthoc-fit",
+                                                                      "--predictive-peak"):
+    # internal: one method's (or predictive's) measurement in a fresh process (see _subprocess)
     _config = SpeedConfig(**json.loads(sys.argv[3]))
     if sys.argv[1] == "--train-step":
         print(json.dumps(measure_train_step(_config, sys.argv[2])))
+    elif sys.argv[1] == "--predictive-peak":
+        print(json.dumps(measure_predictive_peak(_config, int(sys.argv[2]))))
     else:
         print(json.dumps(measure_posthoc_fit(_config, sys.argv[2], *sys.argv[4:6])))
