@@ -291,6 +291,21 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert "prior_std" in err and "'predictive'" in err and "cannot change on a saved run" in err
 
 
+def test_serve_applies_prediction_options(tmp_path):
+    """`bayeslora serve RUN --option KEY=VALUE`: the same prediction-time overrides as eval, checked before the
+    model loads; with no run there is no method to apply them to."""
+    from bayeslora.serve import InferenceService
+
+    run_dir = _tiny_run(tmp_path, "blob", steps=1)
+    service = InferenceService.load(run_dir, options={"predictive": "antithetic", "sample_chunk": 2})
+    assert (service.run.method.config.predictive, service.run.method.config.sample_chunk) == ("antithetic", 2)
+    assert InferenceService.load(run_dir).run.method.config.sample_chunk == 0
+    with pytest.raises(MethodError, match="prior_std"):
+        InferenceService.load(run_dir, options={"prior_std": 0.5})
+    with pytest.raises(ValueError, match="RUN_DIR"):
+        InferenceService.load(None, TINY, options={"n_samples": 2})
+
+
 def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):
     method, model, _ = _prepared("blob", {"rho_lr": 0.05})
     groups = method.param_groups(model)

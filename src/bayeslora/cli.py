@@ -118,7 +118,6 @@ def _eval_parser(sub) -> None:
 
 def _cmd_eval(args) -> int:
     from .evaluate import collapse_note, evaluate_examples, write_evaluation
-    from .methods.registry import get_method_class
     from .runs import load_run, read_run_info
     from .tasks import load_task
 
@@ -127,14 +126,8 @@ def _cmd_eval(args) -> int:
     if not dataset:
         raise ValueError(f"{args.run_dir} does not record its training dataset: pass --dataset")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
-    overrides = dict(_parse_option(o) for o in args.option)
-    config = None
-    if overrides:  # checked before the model loads: a training-time key or a bad value fails at once
-        config_cls = get_method_class(info["method"]).config_cls
-        config = config_cls.with_prediction_options(info.get("method_config", {}), overrides)
-    run = load_run(args.run_dir, model_spec=args.model)
-    if config is not None:
-        run.method.config = config
+    # checked before the model loads: a training-time key or a bad value fails at once
+    run = load_run(args.run_dir, model_spec=args.model, options=dict(_parse_option(o) for o in args.option))
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
                                      seed=args.seed, progress=True)
     result.update(dataset=dataset, split=args.split, method=run.method.name, run_dir=str(args.run_dir))

@@ -25,6 +25,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting before 503")
     p.add_argument("--abstain-threshold", type=float, default=0.5, help="/v1/choices abstains below it")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a prediction-time method option of the run (repeatable), e.g. --option "
+                        "predictive=antithetic or --option sample_chunk=2")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
@@ -43,6 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import InferenceService
     from .serve.server import run_server
 
+    from .cli import _parse_option
+
     settings = settings_from_args(args)
-    run_server(settings, InferenceService.load(args.run_dir, args.model, settings), log_level=args.log_level)
+    options = dict(_parse_option(o) for o in args.option)
+    run_server(settings, InferenceService.load(args.run_dir, args.model, settings, options=options),
+               log_level=args.log_level)
     return 0

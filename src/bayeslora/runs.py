@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .methods import BayesianMethod, MethodError, build_method
+from .methods import BayesianMethod, MethodError, build_method, get_method_class
 from .methods.base import write_json
 from .models import load_model
 from .predictive import Predictive
@@ -81,11 +81,19 @@ def read_run_info(run_dir: str | Path) -> dict:
     return info
 
 
-def load_run(run_dir: str | Path, device: str | torch.device | None = None, model_spec: str | None = None) -> Run:
-    """Rebuild base model + adapter + method from ``run_dir`` (``model_spec`` overrides the saved base model)."""
+def load_run(run_dir: str | Path, device: str | torch.device | None = None, model_spec: str | None = None,
+             options: dict | None = None) -> Run:
+    """Rebuild base model + adapter + method from ``run_dir`` (``model_spec`` overrides the saved base model).
+
+    ``options``: prediction-time method options over the saved ones (``bayeslora eval|serve --option``), checked
+    before the model loads: an option that shapes training or the fit is a :class:`MethodError`.
+    """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    method = build_method(info["method"], info.get("method_config", {}))
+    saved = info.get("method_config", {})
+    if options:
+        saved = get_method_class(info["method"]).config_cls.with_prediction_options(saved, options).to_dict()
+    method = build_method(info["method"], saved)
     loaded = load_model(model_spec or info["model"], device=device)
     model = method.load(loaded.model, run_dir)
     model.eval()

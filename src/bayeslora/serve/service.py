@@ -139,13 +139,16 @@ class InferenceService:
 
     @classmethod
     def load(cls, run_dir: str | Path | None, model_spec: str | None = None,
-             settings: ServeSettings | None = None) -> InferenceService:
-        """Serve ``run_dir`` (any saved method) or, without it, the base model ``model_spec``."""
+             settings: ServeSettings | None = None, options: dict | None = None) -> InferenceService:
+        """Serve ``run_dir`` (any saved method) or, without it, the base model ``model_spec``; ``options``:
+        prediction-time method options over the run's (:func:`bayeslora.runs.load_run`)."""
         if run_dir is None:
+            if options:
+                raise ValueError(f"--option {sorted(options)} applies to a run's method: pass RUN_DIR")
             return cls(base_run(model_spec), settings)
         from ..runs import load_run
 
-        return cls(load_run(run_dir, model_spec=model_spec), settings)
+        return cls(load_run(run_dir, model_spec=model_spec, options=options), settings)
 
     # -- queue ----------------------------------------------------------------------------------------------
     def start(self) -> None:
