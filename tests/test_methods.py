@@ -304,6 +304,9 @@ def test_serve_applies_prediction_options(tmp_path):
         InferenceService.load(run_dir, options={"prior_std": 0.5})
     with pytest.raises(ValueError, match="RUN_DIR"):
         InferenceService.load(None, TINY, options={"n_samples": 2})
+    # on the command line: a one-line error before any server starts
+    assert main(["serve", str(run_dir), "--option", "prior_std=0.5"]) == 2
+    assert main(["serve", str(run_dir), "--option", "sample_chunk"]) == 2
 
 
 def test_blob_rho_lr_is_its_own_group_and_lets_sigma_grow(tmp_path):

@@ -200,7 +200,7 @@ class TFB(PosthocMethod):
                 module.rho.copy_((sigma * inv).to(module.rho.dtype))
 
     @torch.no_grad()
-    def _anchor_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int,
+    def _labels_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int,
                     antithetic: bool) -> tuple[float, float]:
         """Mean NLL of the labels ``pseudo`` (the adapter's own, or the true ones for fit=val_nll) under the
         S-sample predictive (common random numbers: fixed seed; antithetic pairs for the secant and val_nll
@@ -245,7 +245,7 @@ class TFB(PosthocMethod):
             pseudo = [scorer.choice_logits(model, enc).argmax(-1) for enc in encoded]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         antithetic = cfg.search == "secant"
-        nll0, _ = self._anchor_nll(model, scorer, encoded, pseudo, 0, seed, antithetic)
+        nll0, _ = self._labels_nll(model, scorer, encoded, pseudo, 0, seed, antithetic)
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's anchor NLL is {nll0}: the source adapter is broken (NaN weights?)")
         evaluations: list[tuple[float, float]] = []
@@ -253,7 +253,7 @@ class TFB(PosthocMethod):
 
         def rel_change(sigma: float) -> float:
             self._set_sigma(scales, sigma)
-            nll, _ = self._anchor_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed, antithetic)
+            nll, _ = self._labels_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed, antithetic)
             evaluations.append((sigma, nll))
             return abs(nll - nll0) / max(nll0, 1e-12) / per
 
@@ -273,13 +273,13 @@ class TFB(PosthocMethod):
         scales = self._reparameterize(model)
         self._set_sigma(scales, 0.0)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        nll0, acc0 = self._anchor_nll(model, scorer, encoded, labels, 0, seed, True)
+        nll0, acc0 = self._labels_nll(model, scorer, encoded, labels, 0, seed, True)
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's validation NLL is {nll0}: the source adapter is broken (NaN weights?)")
 
         def val_nll(sigma: float) -> tuple[float, float]:
             self._set_sigma(scales, sigma)
-            return self._anchor_nll(model, scorer, encoded, labels, cfg.search_samples, seed, True)
+            return self._labels_nll(model, scorer, encoded, labels, cfg.search_samples, seed, True)
 
         sigma, nll, acc, n_evaluations = self._scan_min(val_nll, nll0, acc0)
         self._set_sigma(scales, sigma)
