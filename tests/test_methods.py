@@ -9,7 +9,7 @@ import torch
 
 from bayeslora.cli import main
 from bayeslora.config import TrainConfig
-from bayeslora.methods import AdapterConfig, MethodError, build_method
+from bayeslora.methods import AdapterConfig, MethodError, build_method, get_method_class
 from bayeslora.methods.blob import gaussian_kl, head_sample_logits
 from bayeslora.methods.mcd import DropoutLoraA
 from bayeslora.models import load_model
@@ -137,6 +137,23 @@ def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
         assert torch.allclose(logits[s], deterministic, atol=1e-5)
     with pytest.raises(MethodError, match="prompt"):
         build_method("blob", {"prompt": "last"})
+
+
+def test_prompt_mean_is_a_prediction_option_of_every_sampled_method(examples):
+    """``prompt`` lives on SampledConfig: MC-dropout, TFB and sgp take it as BLoB does, at evaluation time too."""
+    for name in ("blob", "mcd", "tfb", "sgp"):
+        cls = get_method_class(name)
+        config = cls.config_cls.with_prediction_options(cls.config_cls().to_dict(), {"prompt": "mean"})
+        assert config.sample_plan().mean_prompt and not cls.config_cls().sample_plan().mean_prompt
+        with pytest.raises(MethodError, match="prompt"):
+            build_method(name, {"prompt": "last"})
+    method, model, scorer = _prepared("mcd", {"p": 0.3, "prompt": "mean"})
+    enc = scorer.encode(examples[:3])
+    pred = method.predict(model, scorer, enc, n_samples=3, generator=torch.Generator().manual_seed(0))
+    logits = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), mean_prompt=True)
+    assert torch.allclose(pred.sample_probs, torch.softmax(logits, -1), atol=1e-6)
+    assert not torch.allclose(logits, method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0)),
+                              atol=1e-4)
 
 
 @pytest.mark.parametrize("name, options, mode", [
@@ -299,6 +316,8 @@ def test_serve_applies_prediction_options(tmp_path):
     run_dir = _tiny_run(tmp_path, "blob", steps=1)
     service = InferenceService.load(run_dir, options={"predictive": "antithetic", "sample_chunk": 2})
     assert (service.run.method.config.predictive, service.run.method.config.sample_chunk) == ("antithetic", 2)
+    assert service.models().data[0].prediction_options == {"sample_chunk": 2, "prompt": "sample",
+                                                           "predictive": "antithetic"}  # told to clients
     assert InferenceService.load(run_dir).run.method.config.sample_chunk == 0
     with pytest.raises(MethodError, match="prior_std"):
         InferenceService.load(run_dir, options={"prior_std": 0.5})

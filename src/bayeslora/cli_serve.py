@@ -27,7 +27,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--abstain-threshold", type=float, default=0.5, help="/v1/choices abstains below it")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a prediction-time method option of the run (repeatable), e.g. --option "
-                        "predictive=antithetic or --option sample_chunk=2")
+                        "predictive=antithetic, --option prompt=mean or --option sample_chunk=2; they shape "
+                        "generation as they shape /v1/choices")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
     p.set_defaults(func=cmd_serve)

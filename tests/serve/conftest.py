@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import torch
 
-from bayeslora.methods import BayesianMethod, MethodConfig
+from bayeslora.methods import BayesianMethod, MethodConfig, SamplePlan
 from bayeslora.methods.base import AdapterConfig
 from bayeslora.models import build_tiny_llama
 from bayeslora.peft_ext import GaussianLoraA, replace_lora_A
@@ -54,6 +55,27 @@ def stochastic_run(n_samples: int = 4, std: float = 0.5) -> Run:
     return Run(model=peft_model, tokenizer=tokenizer, method=method, scorer=scorer, info=info)
 
 
+@dataclasses.dataclass
+class PlanConfig(MethodConfig):
+    """Test config whose prediction options are a given :class:`SamplePlan`."""
+
+    plan: SamplePlan = dataclasses.field(default_factory=SamplePlan)
+
+    def sample_plan(self) -> SamplePlan:
+        return self.plan
+
+
+def with_plan(run: Run, **plan) -> Run:
+    """``run`` (the same model) under a method whose sample plan is ``SamplePlan(**plan)``."""
+    return dataclasses.replace(run, method=GaussianTestMethod(PlanConfig(n_samples=4, plan=SamplePlan(**plan))))
+
+
+@pytest.fixture(scope="session")
+def planned():
+    """``planned(run, **plan)``: :func:`with_plan`."""
+    return with_plan
+
+
 @pytest.fixture(scope="session")
 def tiny_base_run() -> Run:
     return base_run("tiny-random-llama", max_length=128)
@@ -62,6 +84,12 @@ def tiny_base_run() -> Run:
 @pytest.fixture(scope="session")
 def tiny_stochastic_run() -> Run:
     return stochastic_run()
+
+
+@pytest.fixture(scope="session")
+def tiny_point_run() -> Run:
+    """The stochastic run's model with a zero posterior std: every sample is the mean."""
+    return stochastic_run(std=0.0)
 
 
 @pytest.fixture(scope="module")

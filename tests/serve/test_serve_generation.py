@@ -1,4 +1,5 @@
-"""Decoding with per-token uncertainty: exactness vs transformers, the S-sample batch, stop strings."""
+"""Decoding with per-token uncertainty: exactness vs transformers, the S-sample batch and the run's sample plan
+(chunks, mean prompt, antithetic pairs), stop strings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import math
 import pytest
 import torch
 
+from bayeslora.methods import AdapterConfig, MethodError, build_method
+from bayeslora.models import build_tiny_llama
+from bayeslora.serve import InferenceService, ServeSettings
 from bayeslora.serve.generation import (
     DecodeParams,
     StopMatcher,
@@ -15,6 +19,9 @@ from bayeslora.serve.generation import (
     sequence_confidence,
     step_stats,
 )
+from bayeslora.serve.protocol import ChatCompletionRequest, ChoicesRequest
+from bayeslora.serve.service import InvalidRequest
+
 
 
 def test_step_stats_matches_hand_computation():
@@ -102,3 +109,130 @@ def test_stop_matcher_holds_back_stop_prefixes(tiny_base_run):
     matcher = StopMatcher(tok, ["END"])
     out = "".join(matcher.push(t)[0] for t in tok("abEN", add_special_tokens=False)["input_ids"])
     assert out == "ab" and matcher.flush() == "EN"
+
+
+# -- the run's sample plan (prediction options) in generation ------------------------------------------------------
+def _decode(run, prompt, S, seed=0, max_tokens=5):
+    params = DecodeParams(max_tokens=max_tokens, temperature=0.0, n_samples=S)
+    return list(decode(run.model, run.method, prompt, params, torch.Generator().manual_seed(seed)))
+
+
+def _forward_rows(run):
+    """Records (rows, tokens) of every forward of ``run.model``; returns (log, hook handle)."""
+    log = []
+    hook = run.model.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kwargs: log.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return log, hook
+
+
+def test_chunked_decode_equals_one_batch(tiny_stochastic_run, planned):
+    whole = _decode(planned(tiny_stochastic_run), [5, 6, 7, 8], S=8)
+    run = planned(tiny_stochastic_run, chunk=3)
+    log, hook = _forward_rows(run)
+    try:
+        chunked = _decode(run, [5, 6, 7, 8], S=8)
+    finally:
+        hook.remove()
+    assert log[:3] == [(3, 4), (3, 4), (2, 4)] and log[3:6] == [(3, 1), (3, 1), (2, 1)]  # 3 + 3 + 2 rows per step
+    assert [s.token_id for s in chunked] == [s.token_id for s in whole]
+    for a, b in zip(chunked, whole, strict=True):  # row s keeps sample s across chunks and steps
+        assert a.epistemic == pytest.approx(b.epistemic, abs=1e-5) and b.epistemic > 1e-3  # H - E[H]: float32 cancellation
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-4, abs=1e-6)
+
+
+def test_mean_prompt_runs_the_prompt_once_at_the_mean(tiny_stochastic_run, planned):
+    run = planned(tiny_stochastic_run, mean_prompt=True)
+    log, hook = _forward_rows(run)
+    try:
+        steps = _decode(run, [5, 6, 7, 8], S=4)
+    finally:
+        hook.remove()
+    # the prompt but its last token: once, one row; then S rows of one token (the last prompt token first)
+    assert log == [(1, 3)] + [(4, 1)] * 5
+    assert all(s.epistemic > 0 for s in steps)  # the last prompt token and the generated ones are sampled
+    full = _decode(planned(tiny_stochastic_run), [5, 6, 7, 8], S=4)
+    assert steps[0].epistemic != pytest.approx(full[0].epistemic)  # the prompt's keys and values are the mean's
+    # nothing before the last token: the same as sampling every position
+    one = _decode(run, [5], S=4)
+    assert [(s.token_id, round(s.epistemic, 5)) for s in one] == \
+        [(s.token_id, round(s.epistemic, 5)) for s in _decode(planned(tiny_stochastic_run), [5], S=4)]
+
+
+def test_mean_prompt_equals_full_sampling_when_the_posterior_is_a_point(tiny_point_run, planned):
+    point = tiny_point_run
+    mean = _decode(planned(point, mean_prompt=True), [5, 6, 7, 8], S=4)
+    full = _decode(planned(point), [5, 6, 7, 8], S=4)
+    assert [s.token_id for s in mean] == [s.token_id for s in full]
+    assert [s.logprob for s in mean] == pytest.approx([s.logprob for s in full], abs=1e-5)
+
+
+def test_antithetic_decode_draws_mirrored_pairs_and_needs_an_even_S(tiny_stochastic_run, planned, monkeypatch):
+    run = planned(tiny_stochastic_run, antithetic=True)
+    states = []
+    sampling = run.method.sampling
+
+    def spy(*args, **kwargs):
+        ctx = sampling(*args, **kwargs)
+        states.append(kwargs)
+        return ctx
+
+    monkeypatch.setattr(run.method, "sampling", spy)
+    steps = _decode(run, [5, 6, 7, 8], S=4)
+    assert states == [{"groups": None, "n_groups": 4, "generator": states[0]["generator"], "antithetic": True}]
+    assert all(s.epistemic > 0 for s in steps)
+    with pytest.raises(MethodError, match="mirrored pairs"):
+        _decode(run, [5, 6, 7, 8], S=3)
+    assert len(_decode(run, [5, 6, 7, 8], S=1)) == 5  # S = 1 is the deterministic forward: nothing to pair
+
+
+def test_service_refuses_samples_the_plan_cannot_draw(tiny_stochastic_run, planned):
+    service = InferenceService(planned(tiny_stochastic_run, antithetic=True), ServeSettings(max_samples=8))
+    chat = ChatCompletionRequest(model=service.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                 samples=3)
+    with pytest.raises(InvalidRequest, match="mirrored pairs") as err:
+        service.chat_completion(chat)
+    assert err.value.param == "samples"
+    with pytest.raises(InvalidRequest, match="mirrored pairs"):
+        service.choose(ChoicesRequest(question="q", choices=["a", "b"], samples=1))
+    assert service.chat_completion(chat.model_copy(update={"samples": 4})).choices[0].confidence.n_samples == 4
+
+
+def _tiny_blob(predictive: str, targets: list[str]):
+    model, _ = build_tiny_llama(seed=0)
+    method = build_method("blob", {"predictive": predictive, "init_eps": 0.7, "n_samples": 4})
+    peft_model = method.prepare(model, AdapterConfig(r=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return method, peft_model.eval()
+
+
+def test_head_predictive_decodes_one_row_and_equals_sampling_a_head_only_posterior():
+    """BLoB ``predictive=head``: one posterior-mean row per step plus S samples of the LM head's LoRA. With the
+    head as the only Gaussian layer it is the full MC decode (same noise from the same generator)."""
+    method, model = _tiny_blob("head", ["lm_head"])
+    params = DecodeParams(max_tokens=5, temperature=0.0, n_samples=4)
+    log = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kwargs: log.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        head = list(decode(model, method, [5, 6, 7, 8], params, torch.Generator().manual_seed(0)))
+    finally:
+        hook.remove()
+    assert log == [(1, 4)] + [(1, 1)] * 4  # one row: the samples never reach the trunk
+    assert all(s.epistemic > 1e-3 for s in head)
+    method.config.predictive = "mc"
+    full = list(decode(model, method, [5, 6, 7, 8], params, torch.Generator().manual_seed(0)))
+    assert [s.token_id for s in head] == [s.token_id for s in full]
+    for a, b in zip(head, full, strict=True):  # sample s keeps one head sample for the whole sequence
+        assert a.epistemic == pytest.approx(b.epistemic, abs=1e-5)
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
+def test_head_predictive_in_generation_needs_a_gaussian_head():
+    method, model = _tiny_blob("head", ["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="LM head"):
+        list(decode(model, method, [5, 6], DecodeParams(max_tokens=2, n_samples=4), torch.Generator()))
+    with pytest.raises(MethodError, match="head predictive"):
+        build_method("mcd").head_sampler(model, 4)

@@ -63,6 +63,23 @@ class AdapterConfig:
         return LoraConfig(**kwargs)
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """How a method draws its S posterior samples at prediction time, read from its prediction options: the same
+    plan shapes the choice predictive (:meth:`BayesianMethod.predict`) and generation in ``bayeslora serve``
+    (:func:`bayeslora.serve.generation.decode`)."""
+
+    antithetic: bool = False  # samples in mirrored pairs (eps, -eps): S must be even
+    mean_prompt: bool = False  # the prompt runs once at the posterior mean; only the later positions are sampled
+    chunk: int = 0  # samples per batched forward (0: all S in one)
+    head: bool = False  # the trunk runs once at the posterior mean; only the LM head's LoRA is sampled
+
+    def check(self, n_samples: int) -> None:
+        """A clear error when ``n_samples`` (> 0) cannot be drawn under this plan."""
+        if self.antithetic:
+            check_pairs(n_samples)
+
+
 @dataclass
 class MethodConfig:
     """Options shared by all methods; each method subclasses it in its own file."""
@@ -98,6 +115,10 @@ class MethodConfig:
                               "re-run bayesianize, to change the others)")
         return cls.from_dict({**saved, **overrides})
 
+    def sample_plan(self) -> SamplePlan:
+        """How prediction draws samples (default: independent samples, all in one forward)."""
+        return SamplePlan()
+
 
 def check_pairs(n_samples: int) -> None:
     """An antithetic predictive draws its samples in mirrored pairs (eps, -eps): S must be even."""
@@ -106,15 +127,24 @@ def check_pairs(n_samples: int) -> None:
                           f"but got {n_samples}")
 
 
+#: ``prompt`` option: where the weight samples act (see :meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`)
+PROMPTS = ("sample", "mean")
+
+
 @dataclass
 class SampledConfig(MethodConfig):
     """Options of the methods whose predictive runs posterior samples through the model (BLoB, MC-dropout, TFB,
-    sgp): ``sample_chunk`` bounds how many of the S samples share one batched forward."""
+    sgp): ``sample_chunk`` bounds how many of the S samples share one batched forward; ``prompt="mean"`` runs the
+    prompt once at the posterior mean (see :meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`)."""
 
     sample_chunk: int = field(default=0, metadata={"help": "test-time samples per batched forward (0: all S in "
                                                             "one; a smaller chunk bounds the S x batch rows held "
                                                             "in memory)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk")
+    prompt: str = field(default="sample", metadata={"help": "sample (every position sees the weight sample) or "
+                                                            "mean (the prompt runs once at the posterior mean; "
+                                                            "only the scored positions, or in generation the last "
+                                                            "prompt token and the new ones, are sampled)"})
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "prompt")
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,6 +152,11 @@ class SampledConfig(MethodConfig):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise MethodError(f"Expected `sample_chunk` to be a non-negative int (0: all samples in one forward), "
                               f"but got {value!r}")
+        if self.prompt not in PROMPTS:
+            raise MethodError(f"Expected `prompt` in {list(PROMPTS)}, but got {self.prompt!r}")
+
+    def sample_plan(self) -> SamplePlan:
+        return SamplePlan(chunk=self.sample_chunk, mean_prompt=self.prompt == "mean")
 
 
 class BayesianMethod:
@@ -184,6 +219,11 @@ class BayesianMethod:
         """
         return sample_groups(model, groups, n_groups, generator, antithetic=antithetic)
 
+    def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
+        """For a plan with ``head``: ``(LM-head layer, deltas)``, ``deltas(h)`` giving the logit offsets (S, N, V)
+        of S posterior samples of the head at its inputs ``h`` (N, H) (see :func:`bayeslora.methods.blob.head_sampler`)."""
+        raise MethodError(f"Method {self.name!r} has no head predictive")
+
     def resolve_samples(self, n_samples: int | None) -> int:
         n = self.config.n_samples if n_samples is None else n_samples
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -195,12 +235,17 @@ class BayesianMethod:
                 generator: torch.Generator | None = None) -> Predictive:
         """Predictive over the batch's choices: probs ``(B, C)`` (+ samples ``(S, B, C)`` where sampled).
 
-        ``n_samples`` = 0 (or a model without stochastic layers): the deterministic forward (posterior mean).
+        ``n_samples`` = 0 (or a model without stochastic layers): the deterministic forward (posterior mean);
+        otherwise S samples drawn as the config's :meth:`~MethodConfig.sample_plan` says.
         """
         n = self.resolve_samples(n_samples)
         if n == 0 or not stochastic_layers(model):
             return Predictive.from_logits(scorer.choice_logits(model, batch))
-        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator))
+        plan = self.config.sample_plan()
+        plan.check(n)
+        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
+                                                                antithetic=plan.antithetic,
+                                                                mean_prompt=plan.mean_prompt))
 
     def sample_logits(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
                       generator: torch.Generator | None = None, batched: bool = True,
@@ -222,7 +267,7 @@ class BayesianMethod:
                 with self.sampling(model, None, n_groups=B, generator=generator):
                     out.append(scorer.choice_logits(model, batch))
             return torch.stack(out)
-        chunk = getattr(self.config, "sample_chunk", 0) or n_samples
+        chunk = self.config.sample_plan().chunk or n_samples
         if antithetic:
             chunk += chunk % 2
         out = []

@@ -36,6 +36,7 @@ third to a half of the epistemic uncertainty, because most of the samples' disag
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -43,10 +44,10 @@ from typing import ClassVar
 
 import torch
 
-from ..peft_ext import GaussianLoraA, device_generator, head_lora, replace_lora_A, stochastic_layers
+from ..peft_ext import GaussianLoraA, HeadLora, device_generator, head_lora, replace_lora_A, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
-from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig, check_pairs
+from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig, SamplePlan
 from .registry import register_method
 
 
@@ -59,10 +60,6 @@ class BlobPredictive(str, Enum):
     """One deterministic forward; S samples of the LM head's A only (cheap)."""
     ANTITHETIC = "antithetic"
     """S full weight samples as S / 2 mirrored pairs (eps, -eps), one batched forward."""
-
-
-#: ``prompt`` option: where the weight samples act (see :meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`)
-PROMPTS = ("sample", "mean")
 
 
 def squared(rho: torch.Tensor) -> torch.Tensor:
@@ -86,11 +83,7 @@ class BlobConfig(SampledConfig):
                                                              "reference's 1/M minibatch weighting)"})
     predictive: str = field(default="mc", metadata={"help": "mc (full samples), head (cheap: LM head only) or "
                                                             "antithetic (full samples in mirrored pairs; S even)"})
-    prompt: str = field(default="sample", metadata={"help": "sample (every position sees the weight sample) or "
-                                                            "mean (mc / antithetic: the prompt runs once at the "
-                                                            "posterior mean, only the scored positions are "
-                                                            "sampled)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "predictive", "prompt")
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "prompt", "predictive")
     rho_lr: float | None = field(default=None, metadata={"help": "learning rate of rho (default: the run's --lr). "
                                                                   "Adam moves rho by about lr per step whatever the "
                                                                   "KL weight, so a short schedule needs a larger one "
@@ -105,8 +98,6 @@ class BlobConfig(SampledConfig):
             raise MethodError(f"Expected BLoB `rho_lr` > 0 (or unset), but got {self.rho_lr!r}")
         if not self.kl_weight >= 0:
             raise MethodError(f"Expected BLoB `kl_weight` >= 0, but got {self.kl_weight!r}")
-        if self.prompt not in PROMPTS:
-            raise MethodError(f"Expected BLoB `prompt` in {list(PROMPTS)}, but got {self.prompt!r}")
         try:
             self.predictive = BlobPredictive(self.predictive).value
         except ValueError:
@@ -115,6 +106,10 @@ class BlobConfig(SampledConfig):
         if self.prompt == "mean" and self.predictive == BlobPredictive.HEAD.value:
             raise MethodError("`prompt=mean` applies to the mc and antithetic predictives; the head predictive "
                               "already runs the whole trunk once at the posterior mean")
+
+    def sample_plan(self) -> SamplePlan:
+        return dataclasses.replace(super().sample_plan(), antithetic=self.predictive == BlobPredictive.ANTITHETIC.value,
+                                   head=self.predictive == BlobPredictive.HEAD.value)
 
 
 @register_method
@@ -171,26 +166,47 @@ class Blob(BayesianMethod):
             return super().predict(model, scorer, batch, n, generator)
         if self.config.predictive == BlobPredictive.HEAD.value:
             return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
-        antithetic = self.config.predictive == BlobPredictive.ANTITHETIC.value
-        if antithetic:
-            check_pairs(n)
-        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
-                                                                antithetic=antithetic,
-                                                                mean_prompt=self.config.prompt == "mean"))
+        return super().predict(model, scorer, batch, n, generator)
+
+    def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
+        return head_sampler(model, n_samples, generator)
+
+
+def _gaussian_head(model) -> HeadLora:
+    head = head_lora(model)
+    if not isinstance(head.lora_A, GaussianLoraA):
+        raise MethodError("The head predictive needs a Gaussian LoRA A on the LM head (a BLoB run)")
+    return head
+
+
+def _head_delta(head: HeadLora, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The LM head's LoRA output ``scaling * B (A h)`` for an A factor ``A`` (r, H), or S of them (S, r, H) at
+    inputs ``h`` (N, H) (then (S, N, V))."""
+    return head.lora_B(h.to(A.dtype) @ A.transpose(-1, -2)) * head.scaling
 
 
 def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Choice logits ``(S, B, C)``: trunk at the posterior mean, ``S`` samples of the LM head's Gaussian ``A``."""
-    head = head_lora(model)
-    if not isinstance(head.lora_A, GaussianLoraA):
-        raise MethodError("The head predictive needs a Gaussian LoRA A on the LM head (a BLoB run)")
+    head = _gaussian_head(model)
     # (R, K, V) at the posterior mean, and the LM-head input (R, K, H) at the same positions
     vocab, h = scorer.forward_vocab(model, batch, capture=head.layer)
     A_std = head.lora_A.std()
     out, gen = [], device_generator(generator, A_std.device)
     for _ in range(n_samples):
         eps = torch.randn(A_std.shape, generator=gen, device=A_std.device, dtype=torch.float32).to(A_std.dtype)
-        delta = head.lora_B(torch.nn.functional.linear(h.to(A_std.dtype), A_std * eps)) * head.scaling
+        delta = _head_delta(head, h, A_std * eps)
         out.append(scorer.logits_from_vocab(vocab + delta.to(vocab.dtype), batch))
     return torch.stack(out)
+
+
+def head_sampler(model, n_samples: int, generator: torch.Generator | None = None):
+    """The head predictive for generation: ``(head layer, deltas)``, where ``deltas(h)`` maps the LM-head inputs
+    ``h`` (N, H) of a posterior-mean forward to the logit offsets (S, N, V) of ``S`` samples of the head's Gaussian
+    ``A``, drawn once here, so that sample ``s`` is one model for the whole generated sequence."""
+    head = _gaussian_head(model)
+    A_std = head.lora_A.std()
+    eps = torch.randn((n_samples, *A_std.shape), generator=device_generator(generator, A_std.device),
+                      device=A_std.device, dtype=torch.float32).to(A_std.dtype)
+    A = A_std * eps  # (S, r, H): the noise part; the mean A is in the forward already
+    return head.layer, lambda h: _head_delta(head, h, A)

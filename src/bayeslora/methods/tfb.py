@@ -56,6 +56,7 @@ Prediction: ``n_samples`` independent samples (``predictive="mc"``), or mirrored
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -63,8 +64,7 @@ from typing import ClassVar
 import torch
 
 from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
-from ..predictive import Predictive
-from .base import MethodError, SampledConfig, check_pairs
+from .base import MethodError, SampledConfig, SamplePlan
 from .posthoc_base import PosthocMethod, batches, in_float32, subsample
 from .registry import register_method
 
@@ -81,7 +81,7 @@ class TFBConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: the adapter itself)"})
     predictive: str = field(default="mc", metadata={"help": "mc (independent samples) | antithetic (mirrored pairs "
                                                             "(eps, -eps); S even)"})
-    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "predictive")
+    PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "prompt", "predictive")
     tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
     search_samples: int = field(default=10, metadata={"help": "posterior samples per anchor NLL evaluation"})
@@ -129,6 +129,9 @@ class TFBConfig(SampledConfig):
         if not 0 < self.sigma_min < self.sigma_max:
             raise MethodError(f"Expected 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r}, {self.sigma_max!r}")
 
+    def sample_plan(self) -> SamplePlan:
+        return dataclasses.replace(super().sample_plan(), antithetic=self.predictive == "antithetic")
+
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
@@ -166,14 +169,6 @@ class TFB(PosthocMethod):
     @property
     def tune_split(self) -> str | None:
         return "validation" if self.config.fit == "val_nll" else None
-
-    @torch.no_grad()
-    def predict(self, model, scorer, batch, n_samples=None, generator=None) -> Predictive:
-        n = self.resolve_samples(n_samples)
-        if n == 0 or self.config.predictive == "mc":
-            return super().predict(model, scorer, batch, n, generator)
-        check_pairs(n)
-        return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator, antithetic=True))
 
     def _reparameterize(self, model) -> list[tuple[GaussianLoraA, torch.Tensor]]:
         """Rewrite every (A, B) in SVD form and make A Gaussian; returns (layer, 1 / d) with 1/0 := 0."""

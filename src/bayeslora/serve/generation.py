@@ -3,7 +3,9 @@
 One decoding step with ``S`` posterior samples (``S = 1``: deterministic):
 
 * the prompt is repeated ``S`` times and decoded inside ``method.sampling(model, groups=None, n_groups=S)``, so row ``s``
-  uses weight sample ``s`` for the whole sequence; one batched forward per step, with a KV cache;
+  uses weight sample ``s`` for the whole sequence; one batched forward per step, with a KV cache (the run's
+  prediction options can draw the samples in mirrored pairs, in chunks of rows, or after one shared prompt pass
+  at the posterior mean: see :func:`decode`);
 * the next-token distributions ``p_s`` (S, V) are averaged into the mean predictive ``p`` (V,);
 * the token is chosen from ``p`` (greedy at temperature 0, else sampled from ``p^(1/T)`` restricted to the
   ``top_p`` nucleus) and appended to every row;
@@ -17,12 +19,15 @@ and the per-token "average surprise" otherwise (it does not shrink with length a
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from ..methods import SamplePlan
+from ..peft_ext import row_questions
 from ..predictive import entropy
 
 
@@ -79,25 +84,107 @@ def sequence_confidence(logprobs: list[float]) -> float:
     return float(min(max(math.exp(sum(logprobs) / len(logprobs)), 0.0), 1.0))
 
 
+class _Streams:
+    """The S decoded rows of one request, as chunks of rows with a KV cache each, stepped in lockstep.
+
+    Every chunk's forward runs inside the one sampling context of all S samples, with its rows mapped to their
+    samples (:func:`~bayeslora.peft_ext.row_questions`), so row ``s`` keeps weight sample ``s`` whatever the
+    chunking, and a chunked decode equals the unchunked one.
+    """
+
+    def __init__(self, model, S: int, chunk: int, device):
+        self.model = model
+        bounds = [(start, min(start + chunk, S)) for start in range(0, S, chunk)]
+        self.sizes = [b - a for a, b in bounds]
+        # one chunk: row s is sample s, no map needed (and none built)
+        self.rows = [torch.arange(a, b, device=device) for a, b in bounds] if len(bounds) > 1 else [None]
+        self.caches: list = [None] * len(bounds)
+        self.length = 0  # tokens already in every row's cache
+
+    def start(self, prompt_cache, prompt_length: int) -> None:
+        """Begin every row from ``prompt_cache``: the KV cache of the first ``prompt_length`` tokens, one row."""
+        for c, size in enumerate(self.sizes):
+            cache = copy.deepcopy(prompt_cache)
+            cache.batch_repeat_interleave(size)
+            self.caches[c] = cache
+        self.length = prompt_length
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` (1, T) to every row; the next-token logits (S, V)."""
+        out = []
+        for c, (size, rows) in enumerate(zip(self.sizes, self.rows, strict=True)):
+            mask = torch.ones((size, self.length + ids.shape[1]), dtype=torch.long, device=ids.device)
+            with row_questions(self.model, rows) if rows is not None else contextlib.nullcontext():
+                result = self.model(input_ids=ids.expand(size, -1), attention_mask=mask,
+                                    past_key_values=self.caches[c], use_cache=True, logits_to_keep=1)
+            self.caches[c] = result.past_key_values
+            out.append(result.logits[:, -1, :])
+        self.length += ids.shape[1]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+class _HeadStream:
+    """The head predictive: one row decoded at the posterior mean, whose S samples differ only in the LM head's
+    LoRA (``head_sampler``: logit offsets of S head samples, drawn once per request, at the head's input)."""
+
+    def __init__(self, model, layer, deltas: Callable[[torch.Tensor], torch.Tensor]):
+        self.model, self.layer, self.deltas = model, layer, deltas
+        self.cache = None
+        self.h: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Keep the LM head's input at the last position of every forward."""
+        handle = self.layer.register_forward_hook(lambda mod, args, out: setattr(self, "h", args[0][:, -1, :]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :].float() + self.deltas(self.h)[:, 0].float()  # (S, V)
+
+
 @torch.no_grad()
 def decode(model, method, input_ids: list[int], params: DecodeParams, generator: torch.Generator | None,
            should_stop: Callable[[], bool] = lambda: False) -> Iterator[TokenStep]:
     """Yield up to ``params.max_tokens`` tokens continuing ``input_ids`` (stops after a stop token).
 
+    With S > 1 samples, the method's :meth:`~bayeslora.methods.MethodConfig.sample_plan` (its prediction options,
+    ``bayeslora serve --option``) decides how they are drawn, as for the choice predictive: mirrored pairs
+    (``antithetic``), ``sample_chunk`` rows per forward (each chunk keeps its own KV cache; the S rows still
+    share one weight sample each), ``prompt=mean``: every prompt token but the last runs once at the
+    posterior mean, its KV cache is copied to the S rows, and only the last prompt token and the generated ones
+    see the samples (one prompt pass instead of S); and the head predictive (BLoB ``predictive=head``): one row at
+    the posterior mean, S samples of the LM head's LoRA only (about the cost of a plain decode).
+
     The caller may stop consuming at any time (stop strings); ``should_stop`` is polled before every step.
     """
     S = max(1, params.n_samples)
+    plan = method.config.sample_plan() if S > 1 else SamplePlan()
+    if S > 1:
+        plan.check(S)
     device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device).expand(S, -1).contiguous()  # (S, T)
-    mask = torch.ones_like(ids)
-    sampling = (method.sampling(model, groups=None, n_groups=S, generator=generator)
-                if params.n_samples > 1 else contextlib.nullcontext())
+    ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T)
+    if plan.head:
+        streams = _HeadStream(model, *method.head_sampler(model, S, generator))
+        sampling = streams.capturing()
+    else:
+        streams = _Streams(model, S, min(plan.chunk or S, S), device)
+        if plan.mean_prompt and ids.shape[1] > 1:  # outside the sampling context: the posterior mean
+            streams.start(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values,
+                          ids.shape[1] - 1)
+            ids = ids[:, -1:]
+        sampling = (method.sampling(model, groups=None, n_groups=S, generator=generator, antithetic=plan.antithetic)
+                    if S > 1 else contextlib.nullcontext())
     with sampling:
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        logits = streams.forward(ids)
         for i in range(params.max_tokens):
             if should_stop():
                 return
-            probs, total, aleatoric, epistemic = step_stats(out.logits[:, -1, :])
+            probs, total, aleatoric, epistemic = step_stats(logits)
             token = choose_token(probs, params.temperature, params.top_p, generator)
             logp = torch.log(probs.clamp_min(1e-45))
             top = []
@@ -107,10 +194,7 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
             yield TokenStep(token, float(logp[token]), total, aleatoric, epistemic, top)
             if token in params.stop_token_ids or i + 1 == params.max_tokens:
                 return
-            mask = torch.cat([mask, mask.new_ones((S, 1))], dim=1)
-            step = torch.full((S, 1), token, dtype=torch.long, device=device)
-            out = model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True,
-                        logits_to_keep=1)
+            logits = streams.forward(torch.full((1, 1), token, dtype=torch.long, device=device))
 
 
 class StopMatcher:

@@ -224,6 +224,8 @@ class ModelCard(BaseModel):
     method: str
     n_samples: int
     format: str
+    #: the run's prediction options in effect (``bayeslora serve --option``), but ``n_samples``
+    prediction_options: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

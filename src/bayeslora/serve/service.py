@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..methods import MethodError
 from ..runs import Run
 from . import protocol as P
 from .generation import DecodeParams, StopMatcher, TokenStep, decode, sequence_confidence
@@ -201,8 +202,10 @@ class InferenceService:
         return self.run.method.name
 
     def models(self) -> P.ModelList:
+        config = self.run.method.config
+        options = {k: getattr(config, k) for k in type(config).PREDICTION_OPTIONS if k != "n_samples"}
         card = P.ModelCard(id=self.model_id, method=self.method_name, n_samples=self._samples(None, None),
-                           format=str(self.run.info.get("format", "")))
+                           format=str(self.run.info.get("format", "")), prediction_options=options)
         return P.ModelList(data=[card])
 
     def health(self) -> P.Health:
@@ -224,6 +227,15 @@ class InferenceService:
                                  f"but got {n}", param=param)
         return n
 
+    def _check_plan(self, n: int, generation: bool) -> None:
+        """Samples the run's sample plan cannot draw (an odd S for antithetic pairs) are the request's error.
+        Generation with S = 1 is deterministic, so only S > 1 is checked there; a choice predictive samples S >= 1."""
+        if n > (1 if generation else 0):
+            try:
+                self.run.method.config.sample_plan().check(n)
+            except MethodError as exc:
+                raise InvalidRequest(str(exc), param="samples") from None
+
     def _decode_params(self, req: P._SamplingRequest, max_tokens: int | None, top_logprobs: int) -> DecodeParams:
         s = self.settings
         max_tokens = s.default_max_tokens if max_tokens is None else max_tokens
@@ -238,8 +250,10 @@ class InferenceService:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise InvalidRequest(f"`{name}` is not supported by this server (only 0)", param=name)
+        n_samples = self._samples(req.samples)
+        self._check_plan(n_samples, generation=True)
         return DecodeParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                            top_p=1.0 if req.top_p is None else req.top_p, n_samples=self._samples(req.samples),
+                            top_p=1.0 if req.top_p is None else req.top_p, n_samples=n_samples,
                             top_logprobs=top_logprobs, stop_token_ids=self.stop_ids)
 
     def _check_length(self, prompt_ids: list[int], params: DecodeParams, param: str) -> None:
@@ -444,6 +458,7 @@ class InferenceService:
                 raise InvalidRequest(f"Choice {i} must be a non-empty string of at most {P.MAX_TEXT_CHARS // 10} "
                                      "characters", param="choices")
         n_samples = self._samples(req.samples)
+        self._check_plan(n_samples, generation=False)
         threshold = self.settings.abstain_threshold if req.abstain_threshold is None else req.abstain_threshold
         example = qa_example("request", req.question, list(req.choices), 0, preamble=req.context or "")
         seed = req.seed if req.seed is not None else secrets.randbits(63)
