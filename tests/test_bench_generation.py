@@ -1,0 +1,51 @@
+"""``bench/generation_bench.py``: every row decodes, chunking changes no number, the report is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bayeslora.config import TrainConfig
+from bayeslora.train import train
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "generation_bench.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("generation_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rank_corr_and_common_prefix():
+    bench = _bench()
+    assert bench.rank_corr([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == pytest.approx(1.0)
+    assert bench.rank_corr([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert bench.rank_corr([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)  # 1 - 6 * 2 / 60
+    assert bench.rank_corr([1.0, 2.0], [1.0, 2.0]) is None
+    assert bench.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and bench.common_prefix([], [1]) == 0
+
+
+def test_generation_bench_on_a_tiny_blob_run(tmp_path):
+    config = TrainConfig(model="tiny-random-llama", dataset="arith", method="blob", max_steps=1, batch_size=2,
+                         train_limit=4, save_every=0, max_length=64, method_options={"init_eps": 0.5})
+    run_dir = train(config, tmp_path / "blob", progress=False)
+    out = tmp_path / "gen.md"
+    assert _bench().main([str(run_dir), "--dataset", "arith", "--prompts", "2", "--max-tokens", "3",
+                          "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert set(rows) >= {"deterministic (S=1)", "MC S=10", "MC S=10, chunks of 2", "MC S=10, prompt=mean",
+                         "antithetic S=2", "head S=10"}
+    assert rows["deterministic (S=1)"]["mean_epistemic"] == 0 and rows["MC S=10"]["mean_epistemic"] > 0
+    # the same samples decoded 2 rows at a time: the same numbers
+    assert abs(rows["MC S=10, chunks of 2"]["mean_epistemic"] - rows["MC S=10"]["mean_epistemic"]) < 1e-5
+    assert all(len(r["seconds"]) == 2 and r["cost_vs_deterministic"] > 0 for r in rows.values())
+    text = out.read_text()
+    assert "| head S=10 |" in text and "python bench/generation_bench.py" in text
