@@ -10,6 +10,7 @@ import torch
 
 from bayeslora.methods import AdapterConfig, MethodError, build_method
 from bayeslora.models import build_tiny_llama
+from bayeslora.runs import Run
 from bayeslora.serve import InferenceService, ServeSettings
 from bayeslora.serve.generation import (
     DecodeParams,
@@ -236,3 +237,25 @@ def test_head_predictive_in_generation_needs_a_gaussian_head():
         list(decode(model, method, [5, 6], DecodeParams(max_tokens=2, n_samples=4), torch.Generator()))
     with pytest.raises(MethodError, match="head predictive"):
         build_method("mcd").head_sampler(model, 4)
+
+
+def test_an_ensemble_decodes_each_member_once():
+    """S above the K members would count some members twice in the mean predictive: K rows are decoded."""
+    model, _ = build_tiny_llama(seed=0)
+    method = build_method("ens", {"n_members": 3})
+    model = method.prepare(model, AdapterConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    log = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kwargs: log.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        list(decode(model, method, [5, 6, 7], DecodeParams(max_tokens=2, n_samples=5), torch.Generator()))
+    finally:
+        hook.remove()
+    assert log == [3, 3]
+    info = {"model": "tiny-random-llama", "method": "ens", "format": "cloze"}
+    run = Run(model=model, tokenizer=build_tiny_llama(seed=0)[1], method=method, scorer=None, info=info)
+    service = InferenceService(run, ServeSettings(max_samples=8))
+    chat = ChatCompletionRequest(model=service.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                 samples=5)
+    assert service.chat_completion(chat).choices[0].confidence.n_samples == 3
+    assert service.models().data[0].n_samples == 3  # its default: the 3 members

@@ -73,6 +73,12 @@ class SamplePlan:
     mean_prompt: bool = False  # the prompt runs once at the posterior mean; only the later positions are sampled
     chunk: int = 0  # samples per batched forward (0: all S in one)
     head: bool = False  # the trunk runs once at the posterior mean; only the LM head's LoRA is sampled
+    max_samples: int = 0  # distinct samples the posterior has (an ensemble's members; 0: no limit)
+
+    def samples(self, n_samples: int) -> int:
+        """The samples actually drawn for ``n_samples`` requested: at most ``max_samples``, so that no member of a
+        finite posterior counts twice in the average."""
+        return min(n_samples, self.max_samples) if self.max_samples else n_samples
 
     def check(self, n_samples: int) -> None:
         """A clear error when ``n_samples`` (> 0) cannot be drawn under this plan."""

@@ -24,7 +24,7 @@ import torch
 from ..peft_ext import adapter_rows
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
-from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError
+from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError, SamplePlan
 from .registry import register_method
 
 
@@ -41,6 +41,9 @@ class EnsembleConfig(MethodConfig):
         super().__post_init__()
         if not isinstance(self.n_members, int) or isinstance(self.n_members, bool) or self.n_members < 1:
             raise MethodError(f"Expected ensemble `n_members` to be a positive int, but got {self.n_members!r}")
+
+    def sample_plan(self) -> SamplePlan:
+        return SamplePlan(max_samples=self.n_members)
 
 
 @register_method

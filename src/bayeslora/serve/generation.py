@@ -158,12 +158,14 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     share one weight sample each), ``prompt=mean``: every prompt token but the last runs once at the
     posterior mean, its KV cache is copied to the S rows, and only the last prompt token and the generated ones
     see the samples (one prompt pass instead of S); and the head predictive (BLoB ``predictive=head``): one row at
-    the posterior mean, S samples of the LM head's LoRA only (about the cost of a plain decode).
+    the posterior mean, S samples of the LM head's LoRA only (about the cost of a plain decode). A posterior with
+    finitely many samples (an ensemble's K members) decodes at most K rows.
 
     The caller may stop consuming at any time (stop strings); ``should_stop`` is polled before every step.
     """
     S = max(1, params.n_samples)
     plan = method.config.sample_plan() if S > 1 else SamplePlan()
+    S = plan.samples(S)
     if S > 1:
         plan.check(S)
     device = next(model.parameters()).device

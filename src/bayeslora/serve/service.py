@@ -225,7 +225,7 @@ class InferenceService:
         if n > self.settings.max_samples:
             raise InvalidRequest(f"Expected `samples` <= {self.settings.max_samples} (the server's --max-samples), "
                                  f"but got {n}", param=param)
-        return n
+        return self.run.method.config.sample_plan().samples(n)  # an ensemble has K members to draw, no more
 
     def _check_plan(self, n: int, generation: bool) -> None:
         """Samples the run's sample plan cannot draw (an odd S for antithetic pairs) are the request's error.
