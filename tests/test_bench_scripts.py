@@ -1,4 +1,5 @@
-"""``bench/generation_bench.py``: every row decodes, chunking changes no number, the report is written."""
+"""The benchmark scripts: ``bench/generation_bench.py`` (every row decodes, chunking changes no number, the report is
+written) and ``scripts/eval_table.py``."""
 
 from __future__ import annotations
 
@@ -49,3 +50,35 @@ def test_generation_bench_on_a_tiny_blob_run(tmp_path):
     assert all(len(r["seconds"]) == 2 and r["cost_vs_deterministic"] > 0 for r in rows.values())
     text = out.read_text()
     assert "| head S=10 |" in text and "python bench/generation_bench.py" in text
+
+
+def _script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_table_reads_eval_folders(tmp_path):
+    """scripts/eval_table.py: mean ± std per row from `bayeslora eval` folders; mismatched folders are refused."""
+    def folder(name, acc, n=200):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"n": n, "acc": acc, "ece": 10.0 * acc, "nll": 1.0, "brier": 0.5,
+                                                    "mean_epistemic": 0.0, "dataset": "arc-e", "split": "test"}))
+        return str(d)
+
+    out = tmp_path / "frag.md"
+    table = _script("eval_table")
+    assert table.main(["--row", "a=b", ",".join([folder("x", 0.4), folder("y", 0.5)]), "--title", "T",
+                       "--command", "bayeslora eval X", "--md", str(out)]) == 0
+    text = out.read_text()
+    assert "| a=b | 2 | 45.0 ± 7.1 | 4.5 ± 0.7 |" in text and "bayeslora eval X" in text
+    with pytest.raises(SystemExit, match="different questions"):
+        table.main(["--row", "a", ",".join([folder("p", 0.4), folder("q", 0.4, n=100)]), "--title", "T",
+                    "--md", str(tmp_path / "bad.md")])
+    with pytest.raises(SystemExit, match="not found"):
+        table.main(["--row", "a", str(tmp_path / "missing"), "--title", "T", "--md", str(tmp_path / "bad.md")])
+    assert not (tmp_path / "bad.md").exists()
