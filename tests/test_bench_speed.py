@@ -39,6 +39,19 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert "| shared context, KV cache |" in text
 
 
+def test_bench_speed_letter_format(tmp_path):
+    """``--format letter``: the predictive rows score by letter (no cloze scoring comparison), and the report says so."""
+    md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
+                 "--parts", "predictive,scoring", "--repeats", "1", "--samples", "2", "--format", "letter",
+                 "--md", str(md), "--json", str(raw)]) == 0
+    result = json.loads(raw.read_text())
+    assert result["config"]["format"] == "letter" and result["scoring"] == []
+    assert any(r["predictive"].startswith("mean prompt") for r in result["predictive"])
+    text = md.read_text()
+    assert "`--format letter`" in text and "not applicable: the model scores in letter format" in text
+
+
 def test_bench_speed_parts(tmp_path):
     md = tmp_path / "scoring.md"
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "scoring",

@@ -39,6 +39,8 @@ def add_speed_command(bench) -> None:
                         "NAME:KEY=VALUE[:KEY=VALUE] (e.g. laplace:prior=marglik)")
     p.add_argument("--fit-questions", type=int, default=64,
                    help="posthoc part: training questions of the MLE epoch and of the fits")
+    p.add_argument("--format", default="auto", choices=["auto", "letter", "cloze"],
+                   help="how questions are scored (auto: cloze for models under 1B parameters)")
     p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
     p.add_argument("--json", default=None, help="write the raw measurements here; each finished part is saved at "
                    "once and a rerun with the same options reuses it")
@@ -62,7 +64,7 @@ def _cmd_speed(args) -> int:
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
                          steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir,
                          parts=[x.strip() for x in args.parts.split(",") if x.strip()], posthoc_methods=posthoc,
-                         fit_questions=args.fit_questions)
+                         fit_questions=args.fit_questions, format=args.format)
     result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        partial=Path(args.json) if args.json else None)
     command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"

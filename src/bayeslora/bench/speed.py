@@ -58,6 +58,7 @@ class SpeedConfig:
     data_dir: str | None = None
     posthoc_methods: list[str] = field(default_factory=lambda: ["laplace", "tfb", "temperature"])
     fit_questions: int = field(default=64, metadata={"help": "questions of the MLE epoch and the post-hoc fits"})
+    format: str = field(default="auto", metadata={"help": "letter | cloze | auto (cloze for small models)"})
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "repeats", "fit_questions"):
@@ -70,6 +71,8 @@ class SpeedConfig:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise ValueError(f"Expected parts among {list(PARTS)}, but got {self.parts!r}")
+        if self.format not in ("auto", "letter", "cloze"):
+            raise ValueError(f"Expected `format` in ['auto', 'letter', 'cloze'], but got {self.format!r}")
 
 
 def _sync() -> None:
@@ -107,7 +110,7 @@ def _setup(config: SpeedConfig, method_name: str):
     loaded = load_model(config.model)
     method = build_method(method_name)
     model = method.prepare(loaded.model, AdapterConfig())
-    scorer = make_scorer(resolve_format("auto", config.model, loaded.model), loaded.tokenizer, max_length=256)
+    scorer = make_scorer(resolve_format(config.format, config.model, loaded.model), loaded.tokenizer, max_length=256)
     return method, model, scorer
 
 
@@ -322,7 +325,7 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
         log(f"[speed] posthoc: one MLE epoch ({steps} steps of {config.batch_size})")
         source = train(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
                                    batch_size=config.batch_size, max_steps=steps, train_limit=config.fit_questions,
-                                   save_every=0, seed=0), Path(tmp) / "mle", progress=False)
+                                   save_every=0, seed=0, format=config.format), Path(tmp) / "mle", progress=False)
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
         log(f"[speed] posthoc: MLE epoch {epoch:.1f} s")
         rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
@@ -395,7 +398,7 @@ def format_markdown(result: dict, command: str) -> str:
     c = result["config"]
     parts = c.get("parts", ["train", "predictive"])
     lines = [f"Model `{c['model']}` on {result['device']}, batch of {c['batch_size']} `{c['dataset']}` questions "
-             f"(cloze/letter as `--format auto`), LoRA r=8 on q_proj, v_proj, lm_head.", ""]
+             f"(cloze/letter as `--format {c.get('format', 'auto')}`), LoRA r=8 on q_proj, v_proj, lm_head.", ""]
     if "train" in parts:
         lines += _train_lines(result)
     if "predictive" in parts:
