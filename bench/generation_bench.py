@@ -104,16 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     from bayeslora.serve.protocol import ChatMessage
     from bayeslora.tasks import load_task
 
+    from bayeslora.methods import SampledConfig, get_method_class
+
+    info = Path(args.run_dir) / "run.json"
+    method = json.loads(info.read_text()).get("method") if info.is_file() else None  # else load_run explains
+    if method is not None and not issubclass(get_method_class(method).config_cls, SampledConfig):
+        raise SystemExit(f"{args.run_dir} is a {method!r} run; this benchmark compares ways of drawing posterior "
+                         "samples: give a run of blob, tfb, mcd or sgp")
     service = InferenceService.load(args.run_dir)
     run = service.run
     saved = run.method.config
     examples = load_task(args.dataset, args.split, data_dir=args.data_dir, limit=args.prompts)
     prompts = [service.chat_prompt([ChatMessage(role="user", content=ex.prompt)]) for ex in examples]
     rows = rows_for(saved)
-    configs = {row.name: type(saved).with_prediction_options(
-        saved.to_dict(), {"predictive": "mc", "prompt": "sample", "sample_chunk": 0, **row.options}
-        if "predictive" in type(saved).PREDICTION_OPTIONS else {"prompt": "sample", "sample_chunk": 0, **row.options})
-        for row in rows}
+    base = {"prompt": "sample", "sample_chunk": 0}  # every row states all of its options
+    if "predictive" in type(saved).PREDICTION_OPTIONS:
+        base["predictive"] = "mc"
+    configs = {row.name: type(saved).with_prediction_options(saved.to_dict(), {**base, **row.options})
+               for row in rows}
     seconds: dict[str, list[float]] = {row.name: [] for row in rows}
     steps: dict[str, list[list]] = {row.name: [] for row in rows}
 

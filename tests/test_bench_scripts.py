@@ -52,6 +52,16 @@ def test_generation_bench_on_a_tiny_blob_run(tmp_path):
     assert "| head S=10 |" in text and "python bench/generation_bench.py" in text
 
 
+
+def test_generation_bench_refuses_a_run_without_samples(tmp_path):
+    config = TrainConfig(model="tiny-random-llama", dataset="arith", method="mle", max_steps=1, batch_size=2,
+                         train_limit=4, save_every=0, max_length=64)
+    run_dir = train(config, tmp_path / "mle", progress=False)
+    with pytest.raises(SystemExit, match="'mle' run"):
+        _bench().main([str(run_dir), "--dataset", "arith", "--out", str(tmp_path / "gen.md")])
+    assert not (tmp_path / "gen.md").exists()
+
+
 def _script(name: str):
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
