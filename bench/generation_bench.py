@@ -180,6 +180,12 @@ def _fmt(x, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def _corr_cell(row: dict) -> str:
+    """The rank correlation with its token count, or a dash alone where there is none (the deterministic row)."""
+    corr = row["epistemic_rank_corr"]
+    return "–" if corr is None else f"{corr:.3f} ({row['n_compared']})"
+
+
 def write_report(out: Path, r: dict, argv: list[str]) -> None:
     from bayeslora.io_utils import atomic_write_text
 
@@ -199,7 +205,7 @@ def write_report(out: Path, r: dict, argv: list[str]) -> None:
         "| same tokens as deterministic |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {x['row']} | {x['s_per_request']:.2f} | {x['cost_vs_deterministic']:.2f} | {x['mean_epistemic']:.5f} "
-          f"| {_fmt(x['epistemic_vs_reference'], 3)} | {_fmt(x['epistemic_rank_corr'], 3)} ({x['n_compared']}) | "
+          f"| {_fmt(x['epistemic_vs_reference'], 3)} | {_corr_cell(x)} | "
           f"{x['mean_entropy']:.3f} | {x['same_as_deterministic']:.3f} |" for x in r["rows"]], "",
         "Command:", "", "```",
         "python bench/generation_bench.py " + " ".join(shlex.quote(a) for a in argv), "```", "",

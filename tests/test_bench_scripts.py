@@ -50,6 +50,8 @@ def test_generation_bench_on_a_tiny_blob_run(tmp_path):
     assert all(len(r["seconds"]) == 2 and r["cost_vs_deterministic"] > 0 for r in rows.values())
     text = out.read_text()
     assert "| head S=10 |" in text and "python bench/generation_bench.py" in text
+    det_row = next(line for line in text.splitlines() if line.startswith("| deterministic (S=1) |"))
+    assert det_row.split("|")[6].strip() == "–"  # no rank correlation, and no token count beside the dash
 
 
 
