@@ -1,5 +1,6 @@
 """The benchmark scripts: ``bench/generation_bench.py`` (every row decodes, chunking changes no number, the report is
-written) and ``scripts/eval_table.py``."""
+written), ``bench/generation_selective.py`` (the answer judge, the metrics, a run end to end) and
+``scripts/eval_table.py``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 from bayeslora.config import TrainConfig
 from bayeslora.train import train
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "generation_bench.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("generation_bench", BENCH)
+def _bench(name: str = "generation_bench"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -64,8 +65,44 @@ def test_generation_bench_refuses_a_run_without_samples(tmp_path):
     assert not (tmp_path / "gen.md").exists()
 
 
+def test_selective_judge_and_metrics():
+    sel = _bench("generation_selective")
+    choices = ["Sunlight is the source of energy.", "Most ecosystems are on land.", "Carbon dioxide."]
+    assert sel.normalize("The Sun's light, mostly!") == ["sun", "s", "light", "mostly"]
+    assert sel.judge(" sunlight is the source of energy", choices, 0, 0.5)[:2] == (True, 0)
+    assert sel.judge(" Carbon dioxide", choices, 0, 0.5)[:2] == (False, 2)
+    assert not sel.judge(" energy", choices, 0, 0.5)[0]  # the gold choice is best but its F1 (0.4) is too low
+    assert not sel.judge(" energy land", choices, 0, 0.1)[0]  # a tie between two choices is not an answer
+    assert not sel.judge("", choices, 0, 0.0)[0]
+    m = sel.selective_metrics([0.9, 0.1, 0.8, 0.2], [False, True, False, True])
+    assert m["auroc_errors"] == 1.0 and m["acc_at_50"] == 1.0 and m["aurc"] < 0.3
+    assert sel.selective_metrics([0.5, 0.5], [True, True])["auroc_errors"] != sel.selective_metrics(
+        [0.5, 0.5], [True, True])["auroc_errors"]  # one class: NaN
+
+
+def test_generation_selective_on_a_tiny_blob_run(tmp_path):
+    config = TrainConfig(model="tiny-random-llama", dataset="arith", method="blob", max_steps=1, batch_size=2,
+                         train_limit=4, save_every=0, max_length=64, method_options={"init_eps": 0.5})
+    run_dir = train(config, tmp_path / "blob", progress=False)
+    out = tmp_path / "sel.md"
+    sel = _bench("generation_selective")
+    assert sel.main([str(run_dir), "--dataset", "arith", "--questions", "3", "--max-tokens", "3",
+                     "--rows", "det,anti2,mc4,head10", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["deterministic (S=1)", "antithetic S=2", "MC S=4", "head S=10"]
+    det = report["answers"]["deterministic (S=1)"]
+    assert len(det) == 3 and all(a["confidence"]["mean_epistemic"] == 0 for a in det)
+    assert all(a["confidence"]["n_samples"] == 4 for a in report["answers"]["MC S=4"])
+    assert any(a["confidence"]["mean_epistemic"] > 0 for a in report["answers"]["MC S=4"])
+    assert all(set(r["uncertainty"]) == set(sel.UNCERTAINTIES) for r in rows.values())
+    assert "| antithetic S=2 |" in out.read_text()
+    with pytest.raises(SystemExit, match="Unknown row"):
+        sel.main([str(run_dir), "--dataset", "arith", "--rows", "det,nope", "--out", str(out)])
+
+
 def _script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = ROOT / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -73,8 +73,9 @@ def test_bench_speed_posthoc_part(tmp_path):
     md, raw = tmp_path / "posthoc.md", tmp_path / "posthoc.json"
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "posthoc",
                  "--posthoc-methods", "temperature,tfb:search=bisect:search_steps=2", "--fit-questions", "8",
-                 "--batch-size", "4",
+                 "--batch-size", "4", "--keep-mle", str(tmp_path / "mle"),
                  "--md", str(md), "--json", str(raw)]) == 0
+    assert json.loads((tmp_path / "mle" / "run.json").read_text())["method"] == "mle"  # kept, a usable run
     rows = json.loads(raw.read_text())["posthoc"]
     assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", "tfb:search=bisect:search_steps=2"]
     assert rows[2]["details"]["n_evaluations"] <= 4  # the bisection's 2 + search_steps evaluations at most
@@ -85,13 +86,16 @@ def test_bench_speed_posthoc_part(tmp_path):
     assert "temperature " in text.split("| temperature |")[1].splitlines()[0]  # the fitted temperature is shown
 
 
-def test_bench_speed_posthoc_methods_must_be_posthoc(capsys):
+def test_bench_speed_posthoc_methods_must_be_posthoc(capsys, tmp_path):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
                  "--posthoc-methods", "blob"]) == 2
     assert "not post hoc" in capsys.readouterr().err
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
                  "--posthoc-methods", "laplace:no_such_option=1"]) == 2
     assert "no_such_option" in capsys.readouterr().err
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "posthoc",
+                 "--keep-mle", str(tmp_path)]) == 2  # an existing folder: refused before any measurement
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_peak_memory_growth_is_measured_from_the_reset():

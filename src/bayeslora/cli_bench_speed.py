@@ -41,6 +41,8 @@ def add_speed_command(bench) -> None:
                    help="posthoc part: training questions of the MLE epoch and of the fits")
     p.add_argument("--format", default="auto", choices=["auto", "letter", "cloze"],
                    help="how questions are scored (auto: cloze for models under 1B parameters)")
+    p.add_argument("--keep-mle", default=None, metavar="DIR",
+                   help="posthoc part: keep the run of its MLE epoch in DIR (a new folder), e.g. to fit or serve it")
     p.add_argument("--md", default=None, help="write the markdown report here (e.g. docs/results/speed.md)")
     p.add_argument("--json", default=None, help="write the raw measurements here; each finished part is saved at "
                    "once and a rerun with the same options reuses it")
@@ -61,10 +63,12 @@ def _cmd_speed(args) -> int:
         build_method(name, options)  # unknown names and options too
         if not getattr(get_method_class(name), "posthoc", False):
             raise ValueError(f"Method {name!r} is trained end to end, not post hoc: it cannot be in --posthoc-methods")
+    if args.keep_mle is not None and Path(args.keep_mle).exists():
+        raise ValueError(f"--keep-mle {args.keep_mle!r} already exists: give a new folder")
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
                          steps=args.steps, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir,
                          parts=[x.strip() for x in args.parts.split(",") if x.strip()], posthoc_methods=posthoc,
-                         fit_questions=args.fit_questions, format=args.format)
+                         fit_questions=args.fit_questions, format=args.format, keep_mle=args.keep_mle)
     result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        partial=Path(args.json) if args.json else None)
     command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"

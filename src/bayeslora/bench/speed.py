@@ -59,6 +59,8 @@ class SpeedConfig:
     posthoc_methods: list[str] = field(default_factory=lambda: ["laplace", "tfb", "temperature"])
     fit_questions: int = field(default=64, metadata={"help": "questions of the MLE epoch and the post-hoc fits"})
     format: str = field(default="auto", metadata={"help": "letter | cloze | auto (cloze for small models)"})
+    keep_mle: str | None = field(default=None, metadata={"help": "posthoc part: keep the MLE epoch's run here "
+                                                                 "(a usable adapter; default: discarded)"})
 
     def __post_init__(self):
         for name in ("batch_size", "steps", "repeats", "fit_questions"):
@@ -325,7 +327,8 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
         log(f"[speed] posthoc: one MLE epoch ({steps} steps of {config.batch_size})")
         source = train(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
                                    batch_size=config.batch_size, max_steps=steps, train_limit=config.fit_questions,
-                                   save_every=0, seed=0, format=config.format), Path(tmp) / "mle", progress=False)
+                                   save_every=0, seed=0, format=config.format),
+                       Path(config.keep_mle) if config.keep_mle else Path(tmp) / "mle", progress=False)
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
         log(f"[speed] posthoc: MLE epoch {epoch:.1f} s")
         rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
