@@ -10,7 +10,8 @@ import torch
 from bayeslora.cli import main
 from bayeslora.config import TrainConfig
 from bayeslora.methods import AdapterConfig, MethodError, build_method, get_method_class
-from bayeslora.methods.blob import gaussian_kl, head_sample_logits
+from bayeslora.methods.blob import gaussian_kl
+from bayeslora.methods.head import head_sample_logits
 from bayeslora.methods.mcd import DropoutLoraA
 from bayeslora.models import load_model
 from bayeslora.peft_ext import adapter_names, stochastic_layers

@@ -294,6 +294,54 @@ def test_tfb_antithetic_predictive(mle_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
 
 
+def test_tfb_last_layer_samples_the_lm_head_alone(mle_run, peft_adapter, tmp_path):
+    """subset=last_layer: only the LM head's A is Gaussian; its samples are exact (one trunk forward, then the head:
+    the same logits as a whole forward with that weight sample); the search's cached head inputs give the NLL of
+    the head predictive; the run reloads to the same predictions, keeps the adapter as its mean, and decodes."""
+    from bayeslora.methods import MethodError, build_method
+    from bayeslora.methods.head import gaussian_head, head_logits, head_noise, head_sample_logits
+    from bayeslora.peft_ext import stochastic_layers
+    from bayeslora.serve.generation import DecodeParams, decode
+
+    opts = {**TFB_FAST, "subset": "last_layer", "predictive": "antithetic", "n_samples": 4, "sigma_max": 10.0}
+    mem, run = _fit_in_memory("tfb", opts, mle_run, tmp_path)
+    head = gaussian_head(run.model)
+    assert run.info["fit"]["sigma"] > 0 and stochastic_layers(run.model) == [head.lora_A]
+    qs = _questions(5)
+    a, b = mem.predict(qs, seed=3), run.predict(qs, seed=3)
+    assert b.sample_probs.shape == (4, 5, 4) and b.epistemic.max() > 0
+    torch.testing.assert_close(a.sample_probs, b.sample_probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run.predict(qs, n_samples=0).probs, load_run(mle_run).predict(qs).probs,
+                               atol=1e-5, rtol=1e-4)
+    enc = run.scorer.encode(qs)
+    with torch.no_grad():
+        noise = head_noise(head, 4, torch.Generator().manual_seed(0), antithetic=True)
+        torch.testing.assert_close(noise[2:], -noise[:2])
+        fast = head_logits(head, run.scorer, enc, *run.scorer.forward_vocab(run.model, enc, capture=head.layer),
+                           noise)
+        mean_A = head.lora_A.weight.data.clone()
+        for s in range(4):  # the same weight sample through a whole (deterministic) forward
+            head.lora_A.weight.data.copy_(mean_A + noise[s])
+            torch.testing.assert_close(fast[s], run.scorer.choice_logits(run.model, enc), atol=1e-4, rtol=1e-4)
+        head.lora_A.weight.data.copy_(mean_A)
+        # the search's cached inputs: the NLL of the head predictive drawn with the same seed
+        heads = run.method._head_inputs(run.model, run.scorer, [enc])
+        nll, _ = run.method._labels_nll(run.model, run.scorer, [enc], [enc.labels], 4, 7, True, heads)
+        probs = head_sample_logits(run.model, run.scorer, enc, 4, torch.Generator().manual_seed(7), True).softmax(-1)
+        assert nll == pytest.approx(-probs.mean(0).gather(1, enc.labels[:, None]).log().mean().item(), rel=1e-5)
+    steps = list(decode(run.model, run.method, [5, 6, 7], DecodeParams(max_tokens=3, n_samples=4),
+                        torch.Generator().manual_seed(0)))
+    assert len(steps) == 3 and max(s.epistemic for s in steps) > 0
+    with pytest.raises(MethodError, match="subset"):
+        build_method("tfb", {"subset": "middle"})
+    from bayeslora.posthoc import load_adapter
+
+    loaded = load_model(TINY)
+    model = load_adapter(loaded.model, peft_adapter)  # q_proj and v_proj only: no LM head to cover
+    with pytest.raises(MethodError, match="LM head"):
+        build_method("tfb", opts).fit(model, run.scorer, _questions(4, "train"))
+
+
 def test_tfb_bisect_fit(mle_run, tmp_path):
     _, run = _fit_in_memory("tfb", {**TFB_FAST, "search": "bisect"}, mle_run, tmp_path)
     assert run.info["fit"]["n_evaluations"] == 2 + 3

@@ -168,7 +168,7 @@ def measure_train_step(config: SpeedConfig, method_name: str) -> dict:
 
 def measure_predictive(config: SpeedConfig) -> list[dict]:
     """Predictive times of a BLoB model on one batch (see the module docstring)."""
-    from ..methods.blob import head_sample_logits
+    from ..methods.head import head_sample_logits
 
     method, model, scorer = _setup(config, "blob")
     model.eval()

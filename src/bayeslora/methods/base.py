@@ -227,8 +227,13 @@ class BayesianMethod:
 
     def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
         """For a plan with ``head``: ``(LM-head layer, deltas)``, ``deltas(h)`` giving the logit offsets (S, N, V)
-        of S posterior samples of the head at its inputs ``h`` (N, H) (see :func:`bayeslora.methods.blob.head_sampler`)."""
-        raise MethodError(f"Method {self.name!r} has no head predictive")
+        of S posterior samples of the head at its inputs ``h`` (N, H) (see :func:`bayeslora.methods.head.head_sampler`)."""
+        from .head import head_sampler
+
+        plan = self.config.sample_plan()
+        if not plan.head:
+            raise MethodError(f"Method {self.name!r} has no head predictive with these options")
+        return head_sampler(model, n_samples, generator, antithetic=plan.antithetic)
 
     def resolve_samples(self, n_samples: int | None) -> int:
         n = self.config.n_samples if n_samples is None else n_samples
@@ -249,6 +254,11 @@ class BayesianMethod:
             return Predictive.from_logits(scorer.choice_logits(model, batch))
         plan = self.config.sample_plan()
         plan.check(n)
+        if plan.head:
+            from .head import head_sample_logits
+
+            return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator,
+                                                                    antithetic=plan.antithetic))
         return Predictive.from_sample_logits(self.sample_logits(model, scorer, batch, n, generator,
                                                                 antithetic=plan.antithetic,
                                                                 mean_prompt=plan.mean_prompt))

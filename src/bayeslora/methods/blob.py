@@ -18,7 +18,7 @@ steps at lr 1e-4-1e-3 (docs/results/methods.md measures this).
 ``predictive = "head"`` (the cheap predictive): the trunk runs once at the posterior mean and only the LM head's
 ``A`` is resampled, ``S`` times, from the captured LM-head input ``h``: per sample the extra cost is
 ``scaling * B ((sigma * eps_s) h)``, ``V x r`` per position instead of a whole forward. It is exact MC for the head's
-uncertainty (the largest single LoRA in the model) and ignores the trunk's.
+uncertainty (the largest single LoRA in the model) and ignores the trunk's (:mod:`bayeslora.methods.head`).
 
 ``predictive = "antithetic"``: full weight samples like ``mc``, drawn as mirrored pairs (``eps``, ``-eps``) in one
 batched forward (S even; S = 2 is one pair). The average of a pair cancels every odd-order term of the samples'
@@ -44,9 +44,7 @@ from typing import ClassVar
 
 import torch
 
-from ..peft_ext import GaussianLoraA, HeadLora, device_generator, head_lora, replace_lora_A, stochastic_layers
-from ..predictive import Predictive
-from ..scoring import ChoiceScorer, EncodedBatch
+from ..peft_ext import GaussianLoraA, replace_lora_A, stochastic_layers
 from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig, SamplePlan
 from .registry import register_method
 
@@ -157,56 +155,3 @@ class Blob(BayesianMethod):
 
     def kl_scale(self, n_train: int) -> float:
         return self.config.kl_weight / max(n_train, 1)
-
-    @torch.no_grad()
-    def predict(self, model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int | None = None,
-                generator: torch.Generator | None = None) -> Predictive:
-        n = self.resolve_samples(n_samples)
-        if n == 0:
-            return super().predict(model, scorer, batch, n, generator)
-        if self.config.predictive == BlobPredictive.HEAD.value:
-            return Predictive.from_sample_logits(head_sample_logits(model, scorer, batch, n, generator))
-        return super().predict(model, scorer, batch, n, generator)
-
-    def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
-        return head_sampler(model, n_samples, generator)
-
-
-def _gaussian_head(model) -> HeadLora:
-    head = head_lora(model)
-    if not isinstance(head.lora_A, GaussianLoraA):
-        raise MethodError("The head predictive needs a Gaussian LoRA A on the LM head (a BLoB run)")
-    return head
-
-
-def _head_delta(head: HeadLora, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """The LM head's LoRA output ``scaling * B (A h)`` for an A factor ``A`` (r, H), or S of them (S, r, H) at
-    inputs ``h`` (N, H) (then (S, N, V))."""
-    return head.lora_B(h.to(A.dtype) @ A.transpose(-1, -2)) * head.scaling
-
-
-def head_sample_logits(model, scorer: ChoiceScorer, batch: EncodedBatch, n_samples: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Choice logits ``(S, B, C)``: trunk at the posterior mean, ``S`` samples of the LM head's Gaussian ``A``."""
-    head = _gaussian_head(model)
-    # (R, K, V) at the posterior mean, and the LM-head input (R, K, H) at the same positions
-    vocab, h = scorer.forward_vocab(model, batch, capture=head.layer)
-    A_std = head.lora_A.std()
-    out, gen = [], device_generator(generator, A_std.device)
-    for _ in range(n_samples):
-        eps = torch.randn(A_std.shape, generator=gen, device=A_std.device, dtype=torch.float32).to(A_std.dtype)
-        delta = _head_delta(head, h, A_std * eps)
-        out.append(scorer.logits_from_vocab(vocab + delta.to(vocab.dtype), batch))
-    return torch.stack(out)
-
-
-def head_sampler(model, n_samples: int, generator: torch.Generator | None = None):
-    """The head predictive for generation: ``(head layer, deltas)``, where ``deltas(h)`` maps the LM-head inputs
-    ``h`` (N, H) of a posterior-mean forward to the logit offsets (S, N, V) of ``S`` samples of the head's Gaussian
-    ``A``, drawn once here, so that sample ``s`` is one model for the whole generated sequence."""
-    head = _gaussian_head(model)
-    A_std = head.lora_A.std()
-    eps = torch.randn((n_samples, *A_std.shape), generator=device_generator(generator, A_std.device),
-                      device=A_std.device, dtype=torch.float32).to(A_std.dtype)
-    A = A_std * eps  # (S, r, H): the noise part; the mean A is in the forward already
-    return head.layer, lambda h: _head_delta(head, h, A)

@@ -52,6 +52,11 @@ What sigma is fitted to (``fit``):
 
 Prediction: ``n_samples`` independent samples (``predictive="mc"``), or mirrored pairs (eps, -eps) as for BLoB
 (``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma.
+
+Which LoRA layers get the noise (``subset``): ``all`` (default, the paper's), or ``last_layer``: the LM head's LoRA
+only. Then the trunk is deterministic, so a sample costs an LM-head pass, not a forward: the search evaluates
+every sigma on head inputs cached from one forward over its questions, and prediction and generation use the head
+predictive (:mod:`bayeslora.methods.head`), which is exact MC here.
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ from typing import ClassVar
 
 import torch
 
-from ..peft_ext import GaussianLoraA, lora_layers, replace_lora_A, stochastic_layers
+from ..peft_ext import GaussianLoraA, head_lora, lora_layers, replace_lora_A, stochastic_layers
 from .base import MethodError, SampledConfig, SamplePlan
+from .head import gaussian_head, head_logits, head_noise
 from .posthoc_base import PosthocMethod, batches, in_float32, subsample
 from .registry import register_method
 
@@ -72,6 +78,7 @@ SEARCHES = ("secant", "bisect")
 TOLERANCES = ("relative", "per-anchor")
 FITS = ("anchor", "val_nll")
 PREDICTIVES = ("mc", "antithetic")
+SUBSETS = ("all", "last_layer")
 #: fit=val_nll: the scan's first sigma and its step (half a decade)
 VAL_SCAN_START, VAL_SCAN_FACTOR = 1e-3, math.sqrt(10.0)
 
@@ -102,6 +109,9 @@ class TFBConfig(SampledConfig):
     max_acc_drop: float = field(default=0.01, metadata={"help": "fit=val_nll: largest drop of the validation accuracy "
                                                                 "allowed (1: no limit); the scan stops at the first "
                                                                 "sigma beyond it"})
+    subset: str = field(default="all", metadata={"help": "all (every LoRA A) | last_layer (the LM head's LoRA only: "
+                                                         "its samples reuse one trunk forward, in the search and at "
+                                                         "prediction)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,6 +133,8 @@ class TFBConfig(SampledConfig):
             raise MethodError(f"Unknown `predictive` {self.predictive!r}; expected one of {', '.join(PREDICTIVES)}")
         if self.fit not in FITS:
             raise MethodError(f"Unknown `fit` {self.fit!r}; expected one of {', '.join(FITS)}")
+        if self.subset not in SUBSETS:
+            raise MethodError(f"Unknown `subset` {self.subset!r}; expected one of {', '.join(SUBSETS)}")
         if self.fit == "val_nll" and self.search_samples % 2:
             raise MethodError(f"fit=val_nll draws its samples in antithetic pairs: `search_samples` must be even, "
                               f"but got {self.search_samples}")
@@ -130,7 +142,9 @@ class TFBConfig(SampledConfig):
             raise MethodError(f"Expected 0 < `sigma_min` < `sigma_max`, got {self.sigma_min!r}, {self.sigma_max!r}")
 
     def sample_plan(self) -> SamplePlan:
-        return dataclasses.replace(super().sample_plan(), antithetic=self.predictive == "antithetic")
+        # last_layer: the LM head's A is the only Gaussian factor, so the head predictive is exact MC
+        return dataclasses.replace(super().sample_plan(), antithetic=self.predictive == "antithetic",
+                                   head=self.subset == "last_layer")
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -164,28 +178,41 @@ class TFB(PosthocMethod):
         return model
 
     def attach(self, model) -> None:
-        replace_lora_A(model, _gaussian_factory)
+        replace_lora_A(model, _gaussian_factory, include=self._covers(model))
+
+    def _covers(self, model):
+        """Which LoRA layers (by name) get a Gaussian A: all, or (``subset=last_layer``) the LM head's only."""
+        if self.config.subset == "all":
+            return None
+        try:
+            head = head_lora(model).layer
+        except ValueError:
+            raise MethodError("TFB with subset=last_layer needs a LoRA on the LM head: train the adapter with "
+                              "lm_head in its target modules, or use subset=all") from None
+        names = {name for name, layer in lora_layers(model) if layer is head}
+        return lambda name: name in names
 
     @property
     def tune_split(self) -> str | None:
         return "validation" if self.config.fit == "val_nll" else None
 
     def _reparameterize(self, model) -> list[tuple[GaussianLoraA, torch.Tensor]]:
-        """Rewrite every (A, B) in SVD form and make A Gaussian; returns (layer, 1 / d) with 1/0 := 0."""
-        for _, layer in lora_layers(model):
-            if "default" in layer.lora_A:
-                A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                new_A, new_B, _ = svd_reparameterize(A.data, B.data)
-                A.data.copy_(new_A)
-                B.data.copy_(new_B)
+        """Rewrite every covered (A, B) in SVD form and make A Gaussian; returns (layer, 1 / d) with 1/0 := 0."""
+        covers = self._covers(model)
+        covered = [layer for name, layer in lora_layers(model)
+                   if "default" in layer.lora_A and (covers is None or covers(name))]
+        for layer in covered:
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            new_A, new_B, _ = svd_reparameterize(A.data, B.data)
+            A.data.copy_(new_A)
+            B.data.copy_(new_B)
         if not stochastic_layers(model):
             self.attach(model)
         out = []
-        for _, layer in lora_layers(model):
-            if "default" in layer.lora_A:
-                d = layer.lora_B["default"].weight.data.norm(dim=0)  # column norms of U diag(d) = d
-                inv = torch.where(d > 1e-12 * d.max().clamp_min(1e-30), 1.0 / d.clamp_min(1e-30), torch.zeros_like(d))
-                out.append((layer.lora_A["default"], inv.reshape(-1, 1)))
+        for layer in covered:  # lora_A["default"] is the Gaussian factor now
+            d = layer.lora_B["default"].weight.data.norm(dim=0)  # column norms of U diag(d) = d
+            inv = torch.where(d > 1e-12 * d.max().clamp_min(1e-30), 1.0 / d.clamp_min(1e-30), torch.zeros_like(d))
+            out.append((layer.lora_A["default"], inv.reshape(-1, 1)))
         return out
 
     @staticmethod
@@ -195,18 +222,41 @@ class TFB(PosthocMethod):
                 module.rho.copy_((sigma * inv).to(module.rho.dtype))
 
     @torch.no_grad()
+    def _head_inputs(self, model, scorer, encoded) -> list[torch.Tensor] | None:
+        """``subset=last_layer``: per batch, the LM head's inputs at the scored positions, from one forward at the
+        posterior mean. The trunk has no noise, so every evaluation of the search reuses them and runs the LM head
+        alone."""
+        if self.config.subset != "last_layer":
+            return None
+        head = gaussian_head(model)
+        return [scorer.forward_vocab(model, enc, capture=head.layer)[1] for enc in encoded]
+
+    @staticmethod
+    def _mean_logits(model, scorer, enc, heads: list[torch.Tensor] | None, i: int) -> torch.Tensor:
+        """The adapter's choice logits on batch ``enc`` (the ``i``-th): from its cached head inputs if any."""
+        if heads is None:
+            return scorer.choice_logits(model, enc)
+        return scorer.logits_from_vocab(gaussian_head(model).layer(heads[i]), enc)
+
+    @torch.no_grad()
     def _labels_nll(self, model, scorer, encoded, pseudo, n_samples: int, seed: int,
-                    antithetic: bool) -> tuple[float, float]:
+                    antithetic: bool, heads: list[torch.Tensor] | None = None) -> tuple[float, float]:
         """Mean NLL of the labels ``pseudo`` (the adapter's own, or the true ones for fit=val_nll) under the
         S-sample predictive (common random numbers: fixed seed; antithetic pairs for the secant and val_nll
-        searches), and the predictive's accuracy on them."""
+        searches), and the predictive's accuracy on them. ``heads`` (:meth:`_head_inputs`): sample the LM head
+        only, from these inputs."""
         generator = torch.Generator().manual_seed(seed)
         total, count, correct = 0.0, 0, 0
-        for enc, labels in zip(encoded, pseudo, strict=True):
+        for i, (enc, labels) in enumerate(zip(encoded, pseudo, strict=True)):
             if n_samples == 0:
-                probs = torch.softmax(scorer.choice_logits(model, enc).float(), -1)
+                probs = torch.softmax(self._mean_logits(model, scorer, enc, heads, i).float(), -1)
             else:
-                logits = self.sample_logits(model, scorer, enc, n_samples, generator, antithetic=antithetic)
+                if heads is not None:
+                    head = gaussian_head(model)
+                    logits = head_logits(head, scorer, enc, head.layer(heads[i]), heads[i],
+                                         head_noise(head, n_samples, generator, antithetic))
+                else:
+                    logits = self.sample_logits(model, scorer, enc, n_samples, generator, antithetic=antithetic)
                 probs = torch.softmax(logits.float(), -1).mean(0)
             total += -probs.gather(1, labels[:, None]).clamp_min(1e-30).log().sum().item()
             correct += int((probs.argmax(-1) == labels).sum())
@@ -236,11 +286,12 @@ class TFB(PosthocMethod):
         encoded = self._encode(scorer, model, anchors, batch_size)
         scales = self._reparameterize(model)
         self._set_sigma(scales, 0.0)
+        heads = self._head_inputs(model, scorer, encoded)
         with torch.no_grad():
-            pseudo = [scorer.choice_logits(model, enc).argmax(-1) for enc in encoded]
+            pseudo = [self._mean_logits(model, scorer, enc, heads, i).argmax(-1) for i, enc in enumerate(encoded)]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         antithetic = cfg.search == "secant"
-        nll0, _ = self._labels_nll(model, scorer, encoded, pseudo, 0, seed, antithetic)
+        nll0, _ = self._labels_nll(model, scorer, encoded, pseudo, 0, seed, antithetic, heads)
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's anchor NLL is {nll0}: the source adapter is broken (NaN weights?)")
         evaluations: list[tuple[float, float]] = []
@@ -248,7 +299,7 @@ class TFB(PosthocMethod):
 
         def rel_change(sigma: float) -> float:
             self._set_sigma(scales, sigma)
-            nll, _ = self._labels_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed, antithetic)
+            nll, _ = self._labels_nll(model, scorer, encoded, pseudo, cfg.search_samples, seed, antithetic, heads)
             evaluations.append((sigma, nll))
             return abs(nll - nll0) / max(nll0, 1e-12) / per
 
@@ -268,13 +319,14 @@ class TFB(PosthocMethod):
         scales = self._reparameterize(model)
         self._set_sigma(scales, 0.0)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        nll0, acc0 = self._labels_nll(model, scorer, encoded, labels, 0, seed, True)
+        heads = self._head_inputs(model, scorer, encoded)
+        nll0, acc0 = self._labels_nll(model, scorer, encoded, labels, 0, seed, True, heads)
         if not math.isfinite(nll0):
             raise MethodError(f"The adapter's validation NLL is {nll0}: the source adapter is broken (NaN weights?)")
 
         def val_nll(sigma: float) -> tuple[float, float]:
             self._set_sigma(scales, sigma)
-            return self._labels_nll(model, scorer, encoded, labels, cfg.search_samples, seed, True)
+            return self._labels_nll(model, scorer, encoded, labels, cfg.search_samples, seed, True, heads)
 
         sigma, nll, acc, n_evaluations = self._scan_min(val_nll, nll0, acc0)
         self._set_sigma(scales, sigma)
