@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=24, help="tokens decoded per request")
     p.add_argument("--out", default="docs/results/generation.md", help="Markdown report (JSON next to it)")
     args = p.parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (ValueError, OSError) as exc:  # a bad run folder, dataset or option: a message, not a traceback
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _run(args, argv: list[str] | None) -> int:
 
     from bayeslora.bench.results_md import environment
     from bayeslora.serve import InferenceService

@@ -99,6 +99,10 @@ def test_generation_selective_on_a_tiny_blob_run(tmp_path):
     assert "| antithetic S=2 |" in out.read_text()
     with pytest.raises(SystemExit, match="Unknown row"):
         sel.main([str(run_dir), "--dataset", "arith", "--rows", "det,nope", "--out", str(out)])
+    with pytest.raises(SystemExit, match="does not exist"):  # a message, not a traceback
+        sel.main([str(tmp_path / "nope"), "--dataset", "arith", "--out", str(out)])
+    with pytest.raises(SystemExit, match="Unknown dataset"):
+        sel.main([str(run_dir), "--dataset", "no-such-task", "--out", str(out)])
 
 
 def _script(name: str):

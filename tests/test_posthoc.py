@@ -334,6 +334,8 @@ def test_tfb_last_layer_samples_the_lm_head_alone(mle_run, peft_adapter, tmp_pat
     assert len(steps) == 3 and max(s.epistemic for s in steps) > 0
     with pytest.raises(MethodError, match="subset"):
         build_method("tfb", {"subset": "middle"})
+    with pytest.raises(MethodError, match="prompt=mean"):
+        build_method("tfb", {"subset": "last_layer", "prompt": "mean"})
     from bayeslora.posthoc import load_adapter
 
     loaded = load_model(TINY)

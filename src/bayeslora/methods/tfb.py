@@ -135,6 +135,9 @@ class TFBConfig(SampledConfig):
             raise MethodError(f"Unknown `fit` {self.fit!r}; expected one of {', '.join(FITS)}")
         if self.subset not in SUBSETS:
             raise MethodError(f"Unknown `subset` {self.subset!r}; expected one of {', '.join(SUBSETS)}")
+        if self.subset == "last_layer" and self.prompt == "mean":
+            raise MethodError("`prompt=mean` does not apply to subset=last_layer: its samples already reuse one "
+                              "forward of the prompt (only the LM head is sampled)")
         if self.fit == "val_nll" and self.search_samples % 2:
             raise MethodError(f"fit=val_nll draws its samples in antithetic pairs: `search_samples` must be even, "
                               f"but got {self.search_samples}")
