@@ -294,6 +294,65 @@ def test_tfb_antithetic_predictive(mle_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
 
 
+@pytest.mark.parametrize("subset", ["all", "last_layer"])
+def test_tfb_glm_covariance_matches_dense_jacobian(mle_run, tmp_path, subset):
+    """predictive=glm: the logit covariance is J diag(std^2) J^T over the Gaussian A' factors (dense brute force
+    by autograd, on the shared-prefix layout), its mean is the adapter's own logits, and n_samples=0 is the adapter."""
+    from bayeslora.peft_ext import stochastic_layers
+
+    options = {**TFB_FAST, "predictive": "glm", "fit": "val_nll", "sigma_max": 10.0, "subset": subset}
+    mem, _ = _fit_in_memory("tfb", options, mle_run, tmp_path)
+    model, scorer, method = mem.model, mem.scorer, mem.method
+    enc = scorer.encode(_questions(3), n_choices=4)
+    assert enc.shared_prefix
+    mean, cov = method._glm_cov(model, scorer, enc)
+    layers = stochastic_layers(model)
+    assert (len(layers) == 1) == (subset == "last_layer")
+    params = [m.weight for m in layers]
+    for p in params:
+        p.requires_grad_(True)
+    logits = scorer.choice_logits(model, enc)
+    J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[b, c], params, retain_graph=True)])
+                     for b in range(3) for c in range(4)]).double().view(3, 4, -1)  # (B, C, P)
+    var = torch.cat([m.std().detach().expand_as(m.weight).flatten() for m in layers]).double() ** 2
+    torch.testing.assert_close(cov, (J * var) @ J.transpose(1, 2), atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(mean, logits.detach(), atol=1e-5, rtol=1e-5)
+    pred = method.predict(model, scorer, enc, generator=torch.Generator().manual_seed(0))
+    assert pred.sample_probs.shape == (3, 3, 4) and pred.epistemic.min() >= -1e-6
+    torch.testing.assert_close(method.predict(model, scorer, enc, n_samples=0).probs, logits.detach().softmax(-1))
+
+
+def test_tfb_glm_fit_rules_round_trip_and_eval_option(mle_run, tmp_path, capsys):
+    """predictive=glm fits sigma in closed form with either rule (anchor: the change stays within tau; val_nll: never
+    above the adapter's NLL, accuracy within the limit), reloads to the same predictions, and, as a prediction
+    option, applies to a run fitted with weight samples; prompt=mean is refused with it."""
+    from bayeslora.cli import main
+    from bayeslora.methods import MethodError, build_method
+
+    glm = {**TFB_FAST, "predictive": "glm", "sigma_max": 10.0}
+    for fit, kind in (("anchor", "anchor"), ("val_nll", "val")):
+        mem, run = _fit_in_memory("tfb", {**glm, "fit": fit}, mle_run, tmp_path / fit)
+        info = run.info["fit"]
+        assert info["predictive"] == "glm" and info["n_evaluations"] == 1 and info["sigma"] > 0
+        if fit == "anchor":
+            assert abs(info["anchor_nll"] - info["anchor_nll0"]) <= TFB_FAST.get("tau", 0.003) * info["anchor_nll0"]
+            assert info["n_anchor"] == 8 and info["n_grid"] > 1
+        else:
+            assert info[f"{kind}_nll"] < info[f"{kind}_nll0"] and info["val_acc"] >= info["val_acc0"] - 0.01
+        qs = _questions(5)
+        torch.testing.assert_close(mem.predict(qs, seed=3).probs, run.predict(qs, seed=3).probs, atol=1e-5,
+                                   rtol=1e-4)
+        assert ("note" in info) == (info["sigma"] >= glm["sigma_max"] * (1 - 1e-9))  # only a capped sigma
+    model, scorer = _adapter_model(mle_run)  # a sigma range whose every sigma passes: the fit says it is capped
+    capped = build_method("tfb", {**glm, "sigma_max": 1e-4}).fit(model, scorer, _questions(8, "train"))
+    assert capped["sigma"] == pytest.approx(1e-4) and "sigma_max" in capped["note"]
+    _fit_in_memory("tfb", TFB_FAST, mle_run, tmp_path / "mc")
+    assert main(["eval", str(tmp_path / "mc" / "tfb"), "--limit", "4", "--option", "predictive=glm"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
+    with pytest.raises(MethodError, match="prompt=mean"):
+        build_method("tfb", {"predictive": "glm", "prompt": "mean"})
+
+
 def test_tfb_last_layer_samples_the_lm_head_alone(mle_run, peft_adapter, tmp_path):
     """subset=last_layer: only the LM head's A is Gaussian; its samples are exact (one trunk forward, then the head:
     the same logits as a whole forward with that weight sample); the search's cached head inputs give the NLL of
@@ -434,6 +493,20 @@ def test_laplace_shared_prefix_equals_one_pass(mle_run, monkeypatch):
         torch.testing.assert_close(torch.cat(stats[k][1]), torch.cat(flat[k][1]), atol=1e-6, rtol=1e-4)
 
 
+def test_laplace_notes_a_prior_tuned_to_the_grid_edge(mle_run, monkeypatch):
+    """When the validation NLL is lowest at the strongest prior tried, the fit says so (the predictive is then about
+    the adapter's own), and not otherwise."""
+    from bayeslora.methods import laplace
+
+    method, _, _ = _fitted_laplace(mle_run)
+    assert method.prior_precision < laplace.VAL_GRID_MAX
+    monkeypatch.setattr(laplace.Laplace, "_tune_val_nll", lambda self, *a: (laplace.VAL_GRID_MAX, 0.5))
+    model, scorer = _adapter_model(mle_run)
+    fit = laplace.Laplace(laplace.LaplaceConfig(n_fit=12)).fit(
+        model, scorer, load_task("arith", "train", limit=12), batch_size=4, validation=_questions(4))
+    assert "no posterior spread helps" in fit["note"] and "n_val" in fit["note"]
+
+
 def test_laplace_reduces_to_map_as_prior_precision_grows(mle_run):
     method, model, scorer = _fitted_laplace(mle_run, prior_precision=1e12, link="probit")
     enc = scorer.encode(_questions(4), n_choices=4)
@@ -450,7 +523,7 @@ def test_laplace_meanfield_link_is_shift_invariant_and_close_to_mc():
     the converged MC predictive than the probit."""
     import math
 
-    from bayeslora.methods.laplace import meanfield_probs, probit_probs, sample_logit_gaussian
+    from bayeslora.methods.linearized import meanfield_probs, probit_probs, sample_logit_gaussian
 
     gen = torch.Generator().manual_seed(0)
     mean = torch.randn(64, 4, generator=gen) * 2.0
@@ -477,7 +550,7 @@ def test_laplace_val_nll_prior(mle_run):
     assert method.config.prior == "val_nll"
     assert method.tune_split == "validation" and 0 < method.prior_precision < float("inf")
     # the default link: the mean-field probabilities, with logit samples for the uncertainty split
-    from bayeslora.methods.laplace import meanfield_probs
+    from bayeslora.methods.linearized import meanfield_probs
 
     enc = scorer.encode(load_task("arith", "validation", limit=6))
     mean, feats, gram = method._jacobian_features(model, scorer, enc)
@@ -537,12 +610,12 @@ def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):
 
 
 def test_choice_output_grads_batched_equals_loop(monkeypatch):
-    from bayeslora.methods import laplace
+    from bayeslora.methods import linearized
 
     w = torch.randn(3, 5, requires_grad=True)
     h = torch.randn(4, 3) @ w  # (B=4, 5): an "output"
     logits = torch.tanh(h[:, :3]) * 2  # (B, C=3)
-    batched = laplace._choice_output_grads(logits, [h])[0]
+    batched = linearized.choice_output_grads(logits, [h])[0]
     real_grad = torch.autograd.grad
 
     def no_batching(*args, **kwargs):
@@ -551,7 +624,7 @@ def test_choice_output_grads_batched_equals_loop(monkeypatch):
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
-    looped = laplace._choice_output_grads(logits, [h])[0]
+    looped = linearized.choice_output_grads(logits, [h])[0]
     assert batched.shape == (3, 4, 5)
     torch.testing.assert_close(batched, looped)
 

@@ -30,7 +30,6 @@ Saved (``posterior.safetensors``): eigenvectors/eigenvalues of every factor, ``d
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ import torch
 from ..peft_ext import lora_layers
 from ..predictive import Predictive
 from .base import MethodConfig, MethodError
+from .linearized import (Link, capture_io, forward_passes, glm_predictive, grad_only, lora_jacobians, meanfield_probs,
+                         probit_probs, recorded_calls)
 from .posthoc_base import PosthocMethod, batches, subsample
 from .registry import register_method
 
@@ -65,20 +66,12 @@ class PriorFit(str, Enum):
     and is far too weak for ``B`` (docs/FINDINGS.md, finding 11)."""
 
 
+#: prior=val_nll: the largest prior precision of its grid (1e-6 .. 1e8, four per decade)
+VAL_GRID_MAX = 1e8
+
+
 def _is_a(key: str) -> bool:
     return key.endswith("lora_A")
-
-
-class Link(str, Enum):
-    PROBIT = "probit"
-    """``softmax(mu / sqrt(1 + pi/8 var))``: closed form, no samples. Not invariant to a shift of all choice logits
-    (cloze logits are negative log-likelihoods, so a choice with a larger variance gains probability)."""
-    MEANFIELD = "meanfield"
-    """Pairwise mean-field (Lu, Ie & Sha 2020): ``p_i ~ 1 / sum_j exp(-(mu_i - mu_j) / sqrt(1 + pi/8 var(f_i -
-    f_j)))``, renormalized: closed form, shift-invariant, uses the full covariance; the probit for two choices.
-    The ``n_samples`` logit samples still give the expected entropy (aleatoric), so epistemic = H[p] minus it."""
-    MC = "mc"
-    """Mean softmax of ``n_samples`` logit samples (probit when ``n_samples`` is 0)."""
 
 
 class LaplaceError(MethodError):
@@ -108,10 +101,15 @@ class LaplaceConfig(MethodConfig):
     link: str = field(default="meanfield", metadata={"help": "meanfield | mc | probit: the link approximation (the "
                                                              "prior is tuned with probit for probit, else meanfield)"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
-    n_fit: int = field(default=500, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
+    # 200 fit and 64 validation questions (were 500 and 200): the fit is a curvature pass (about one training step
+    # per question) plus the Jacobians of the validation questions (one backward per choice, about four steps per
+    # question), so with 500 / 200 it took 0.52-0.60x an MLE epoch over ARC-E's 2251 questions, against #4's goal of
+    # 0.25x (docs/FINDINGS.md, finding 19, measures both sizes on one adapter). The small presets always fitted on
+    # 64 / 64 questions (their fit_limit), so their tables hold under either default.
+    n_fit: int = field(default=200, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
     n_data: int | None = field(default=None, metadata={"help": "N, the training-set size the curvature is scaled "
                                                               "to (default: the number of fit-split examples)"})
-    n_val: int = field(default=200, metadata={"help": "validation questions for prior=val_nll"})
+    n_val: int = field(default=64, metadata={"help": "validation questions for prior=val_nll"})
     max_rank: int = field(default=256, metadata={"help": "eigenpairs kept per Kronecker factor"})
 
     def __post_init__(self):
@@ -155,37 +153,6 @@ def log_evidence(eig: torch.Tensor, sq_norm: float, prior_precision: torch.Tenso
     return -0.5 * (torch.log1p(eig.double()[None, :] / delta).sum(-1) + delta[:, 0] * sq_norm)
 
 
-def probit_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Generalized probit: ``softmax(mu / sqrt(1 + pi/8 diag(cov)))``; mean (..., C), cov (..., C, C)."""
-    var = torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0.0)
-    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
-
-
-def meanfield_probs(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Pairwise mean-field approximation of ``E[softmax(f)]``, ``f ~ N(mean, cov)`` (Lu, Ie & Sha 2020):
-    ``p_i = 1 / sum_j exp(-(mu_i - mu_j) / sqrt(1 + pi/8 var(f_i - f_j)))``, renormalized over the present
-    choices. mean (B, C) with ``-inf`` at absent choices, cov (B, C, C)."""
-    present = torch.isfinite(mean)
-    mu = mean.double().masked_fill(~present, 0.0)
-    var = torch.diagonal(cov, dim1=-2, dim2=-1).double()
-    var_diff = (var[:, :, None] + var[:, None, :] - 2.0 * cov.double()).clamp_min(0.0)  # var(f_i - f_j)
-    z = (mu[:, :, None] - mu[:, None, :]) / torch.sqrt(1.0 + math.pi / 8.0 * var_diff)  # (B, i, j)
-    z = z.masked_fill(~present[:, None, :], math.inf)  # absent j: no competitor
-    log_p = -torch.logsumexp(-z, dim=-1)  # the j = i term is exp(0) = 1
-    log_p = log_p.masked_fill(~present, -math.inf)
-    return torch.softmax(log_p, dim=-1).float()
-
-
-def sample_logit_gaussian(mean: torch.Tensor, cov: torch.Tensor, n_samples: int,
-                          generator: torch.Generator | None) -> torch.Tensor:
-    """``n_samples`` draws ``(S, B, C)`` of ``N(mean (B, C), cov (B, C, C))``; ``-inf`` means stay ``-inf``."""
-    C = cov.shape[-1]
-    jitter = 1e-6 * (1.0 + torch.diagonal(cov, dim1=-2, dim2=-1).abs().amax(-1))[:, None, None]
-    L = torch.linalg.cholesky(cov.double() + jitter.double() * torch.eye(C, dtype=torch.float64))
-    eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=torch.float64)
-    return (mean.double()[None] + torch.einsum("bcd,sbd->sbc", L, eps)).float()
-
-
 # -- the layers covered --------------------------------------------------------------------------------------------
 @dataclass
 class _Factor:
@@ -201,52 +168,6 @@ class _Factor:
         return (n_data * self.lg[:, None] * self.la[None, :]).flatten()  # (k_g * k_a,)
 
 
-@contextlib.contextmanager
-def _capture(modules: dict[str, torch.nn.Module]):
-    """Record each module's ``(input (detached), output (in the graph))`` of every forward inside the context."""
-    store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in modules}
-    handles = [m.register_forward_hook(lambda mod, inp, out, k=k: store[k].append((inp[0].detach(), out)))
-               for k, m in modules.items()]
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _passes(enc) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(mask (rows, T), question of each row (rows,))`` of each forward the scorer runs on ``enc``, in order."""
-    if enc.shared_prefix:
-        prefix_rows = torch.arange(enc.n_questions, device=enc.prefix_ids.device)
-        return [(enc.prefix_mask, prefix_rows), (enc.cont_mask, enc.row_question)]
-    return [(enc.attention_mask, enc.row_question)]
-
-
-def _calls(io: dict[str, list], enc) -> list[tuple[str, int]]:
-    """``(module key, forward index)`` of every recorded call; checks each module ran once per forward pass."""
-    n = len(_passes(enc))
-    bad = {k: len(v) for k, v in io.items() if len(v) != n}
-    if bad:
-        raise LaplaceError(f"Expected every covered LoRA layer to run {n} time(s) per batch, got {bad}: the scorer's "
-                           "forward layout is not supported")
-    return [(k, i) for k in io for i in range(n)]
-
-
-@contextlib.contextmanager
-def _grad_only(model, params: list[torch.nn.Parameter]):
-    """Inside: exactly ``params`` require grad (so the backward stops at the covered LoRA); restored after."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    keep = {id(p) for p in params}
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in keep)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _per_question(calls: list[tuple[torch.Tensor, torch.Tensor]], passes, n_q: int):
     """KFAC-reduce statistics over one module's forwards ``calls`` = ``[(input x (rows, T', d_in), output grad
     (rows, T', d_out))]``: per question the mean input ``(B, d_in)`` over its valid positions and the summed output
@@ -260,24 +181,6 @@ def _per_question(calls: list[tuple[torch.Tensor, torch.Tensor]], passes, n_q: i
         cnt.index_add_(0, rows, m.sum((1, 2)).double())
         gs.index_add_(0, rows, g.sum(1).double())
     return (xs / cnt.clamp_min(1.0)[:, None]).float(), gs.float()
-
-
-def _choice_output_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Per choice ``c``, the gradient of ``sum_b logits[b, c]`` w.r.t. each output: ``(C, *output.shape)``.
-
-    Questions are independent, so row ``r``'s slice is the gradient of its own question's logit. One vectorized
-    backward (``is_grads_batched``) where autograd supports it, else ``C`` backward passes.
-    """
-    B, C = logits.shape
-    eye = torch.eye(C, device=logits.device, dtype=logits.dtype)[:, None, :].expand(C, B, C).contiguous()
-    try:
-        grads = torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one backward per choice
-        per_c = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True, allow_unused=True)
-                 for c in range(C)]
-        grads = [None if per_c[0][i] is None else torch.stack([p[i] for p in per_c]) for i in range(len(outputs))]
-    return [None if g is None else g.detach() for g in grads]
 
 
 @register_method
@@ -332,7 +235,7 @@ class Laplace(PosthocMethod):
         params = [m.weight for m in modules.values()]
         for chunk in batches(examples, batch_size):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
-            with _grad_only(model, params), _capture(modules) as io:
+            with grad_only(model, params), capture_io(modules) as io:
                 logits = scorer.choice_logits(model, enc)
                 if not torch.isfinite(logits.masked_fill(~enc.choice_mask, 0.0)).all():
                     raise LaplaceError("The adapter's logits are NaN/inf on the fit data: the curvature would be NaN "
@@ -342,7 +245,7 @@ class Laplace(PosthocMethod):
                     y = torch.multinomial(torch.softmax(logits.detach().float().cpu(), -1), 1, generator=generator)
                     y = y[:, 0].to(logits.device)
                 loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                calls = _calls(io, enc)
+                calls = recorded_calls(io, enc)
                 grads = torch.autograd.grad(loss, [io[k][i][1] for k, i in calls], allow_unused=True)
             grad_of = dict(zip(calls, grads, strict=True))
             for k in io:
@@ -350,7 +253,7 @@ class Laplace(PosthocMethod):
                 for i, (x, out) in enumerate(io[k]):
                     g = grad_of[k, i]
                     per_call.append((x, torch.zeros_like(out) if g is None else g.detach()))
-                xb, gb = _per_question(per_call, _passes(enc), enc.n_questions)
+                xb, gb = _per_question(per_call, forward_passes(enc), enc.n_questions)
                 stats[k][0].append(xb.cpu())
                 stats[k][1].append(gb.cpu())
         return stats
@@ -382,7 +285,7 @@ class Laplace(PosthocMethod):
         return self.prior_precision_a if self.prior_precision_a is not None and _is_a(key) else delta
 
     def _tune_val_nll(self, model, scorer, validation, batch_size) -> tuple[float, float]:
-        grid = torch.logspace(-6, 8, 57, dtype=torch.float64)
+        grid = torch.logspace(-6, math.log10(VAL_GRID_MAX), 57, dtype=torch.float64)
         nll = torch.zeros(len(grid), dtype=torch.float64)
         n_choices = max(ex.n_choices for ex in validation)
         device = next(model.parameters()).device
@@ -423,6 +326,10 @@ class Laplace(PosthocMethod):
                                    "use a dataset with a validation split, or --option prior=marglik")
             val = subsample(validation, cfg.n_val, generator)
             self.prior_precision, result["val_nll"] = self._tune_val_nll(model, scorer, val, batch_size)
+            if self.prior_precision >= VAL_GRID_MAX * (1 - 1e-9):
+                result["note"] = (f"the validation NLL is lowest at the strongest prior tried ({VAL_GRID_MAX:g}): on "
+                                  "these validation questions no posterior spread helps, so the predictive is about "
+                                  "the adapter's own (more validation questions: --option n_val=N)")
             result["n_val"] = len(val)
         result["prior_time_s"] = round(time.perf_counter() - t1, 3)
         for value in (self.prior_precision, self.prior_precision_a):
@@ -438,27 +345,15 @@ class Laplace(PosthocMethod):
     def _jacobian_features(self, model, scorer, enc):
         """Choice logits ``(B, C)``, and per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``
         and the Gram ``(B, C, C)`` of the full Jacobian (for the prior part of the covariance)."""
-        modules = {k: f.module for k, f in self.factors.items()}
-        params = [m.weight for m in modules.values()]
-        B, C = enc.choice_mask.shape
+        logits, jacobians = lora_jacobians(model, scorer, enc, {k: f.module for k, f in self.factors.items()})
+        B, C = logits.shape
         feats, gram = {}, {}
-        with _grad_only(model, params), _capture(modules) as io:
-            logits = scorer.choice_logits(model, enc)
-            calls = _calls(io, enc)
-            grads = _choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls])
-        grad_of = dict(zip(calls, grads, strict=True))
-        for k in io:
-            f, m = self.factors[k], modules[k]
-            J = torch.zeros(C, B, m.out_features, m.in_features, device=logits.device, dtype=torch.float32)
-            for i, ((x, _), (_, rows)) in enumerate(zip(io[k], _passes(enc), strict=True)):
-                g = grad_of[k, i]
-                if g is not None:  # (C, rows, T', o) x (rows, T', i), summed over positions into each question
-                    J.index_add_(1, rows, torch.einsum("crto,rti->croi", g, x).float())
-            J = J.cpu()  # (C, B, o, i)
+        for k, J in jacobians.items():  # J (C, B, o, i)
+            f = self.factors[k]
             feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
             Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
             gram[k] = Jf @ Jf.transpose(1, 2)
-        return logits.detach().float().cpu(), feats, gram
+        return logits, feats, gram
 
     def _logit_cov(self, feats: dict[str, torch.Tensor], gram: dict[str, torch.Tensor], delta: float) -> torch.Tensor:
         """``J Sigma J^T`` ``(B, C, C)``, per matrix ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``
@@ -480,12 +375,7 @@ class Laplace(PosthocMethod):
             raise LaplaceError("Laplace has no fitted curvature: fit it (bayeslora bayesianize) or load a run")
         mean, feats, gram = self._jacobian_features(model, scorer, batch)
         cov = self._logit_cov(feats, gram, self.prior_precision)
-        if self.config.link == Link.MEANFIELD.value:
-            samples = sample_logit_gaussian(mean, cov, S, generator).softmax(-1) if S > 0 else None
-            return Predictive(probs=meanfield_probs(mean, cov), sample_probs=samples)
-        if self.config.link == Link.PROBIT.value or S == 0:
-            return Predictive(probs=probit_probs(mean, cov))
-        return Predictive.from_sample_logits(sample_logit_gaussian(mean, cov, S, generator))
+        return glm_predictive(mean, cov, self.config.link, S, generator)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def state_dict(self, model) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ std ``sigma`` inside the adapter's column space. One scalar ``sigma`` (shared by
 which the predictive NLL on an anchor set (default 500 fit examples, S = 10 samples), measured against the
 adapter's own predicted labels, changes by at most a relative ``tau`` (default 0.003). Sampling reuses
 :class:`bayeslora.peft_ext.GaussianLoraA` (fixed, non-trainable std) and the batched per-question samples of
-:meth:`BayesianMethod.sampling`. No gradient is ever computed.
+:meth:`BayesianMethod.sampling`. No gradient is computed, but by the linearized predictive (``predictive="glm"``).
 
 The search (``search``):
 
@@ -51,7 +51,14 @@ What sigma is fitted to (``fit``):
   noise family can calibrate it.
 
 Prediction: ``n_samples`` independent samples (``predictive="mc"``), or mirrored pairs (eps, -eps) as for BLoB
-(``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma.
+(``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma, or (``"glm"``,
+ours) the linearized predictive of the same posterior, as Laplace-LoRA's (:mod:`bayeslora.methods.linearized`):
+choice logits ``N(f(x), sigma^2 J D J^T)`` with ``J`` the Jacobian w.r.t. the Gaussian ``A'`` factors and ``D`` the
+``1 / d_i^2`` of their rows, through the mean-field link. Its mean is the adapter's own logits, so noise cannot
+reorder the answers the way weight samples do (cpu-overfit: TFB's MC predictive lost 3-5 points of accuracy where
+its sigma calibrates, docs/FINDINGS.md, finding 14); it costs one forward and a vectorized backward per batch. With
+``glm`` the fit searches sigma on the same predictive, in closed form: the Jacobians of its questions once, then
+every sigma of a log grid (:meth:`TFB._fit_glm`). Generation (``bayeslora serve``) still draws weight samples.
 
 Which LoRA layers get the noise (``subset``): ``all`` (default, the paper's), or ``last_layer``: the LM head's LoRA
 only. Then the trunk is deterministic, so a sample costs an LM-head pass, not a forward: the search evaluates
@@ -69,25 +76,30 @@ from typing import ClassVar
 import torch
 
 from ..peft_ext import GaussianLoraA, head_lora, lora_layers, replace_lora_A, stochastic_layers
+from ..predictive import Predictive
 from .base import MethodError, SampledConfig, SamplePlan
 from .head import gaussian_head, head_logits, head_noise
+from .linearized import Link, glm_predictive, lora_jacobians, meanfield_probs
 from .posthoc_base import PosthocMethod, batches, in_float32, subsample
 from .registry import register_method
 
 SEARCHES = ("secant", "bisect")
 TOLERANCES = ("relative", "per-anchor")
 FITS = ("anchor", "val_nll")
-PREDICTIVES = ("mc", "antithetic")
+PREDICTIVES = ("mc", "antithetic", "glm")
 SUBSETS = ("all", "last_layer")
 #: fit=val_nll: the scan's first sigma and its step (half a decade)
 VAL_SCAN_START, VAL_SCAN_FACTOR = 1e-3, math.sqrt(10.0)
+#: predictive=glm: sigmas per decade of the closed-form search's grid
+GLM_GRID_PER_DECADE = 10
 
 
 @dataclass
 class TFBConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: the adapter itself)"})
     predictive: str = field(default="mc", metadata={"help": "mc (independent samples) | antithetic (mirrored pairs "
-                                                            "(eps, -eps); S even)"})
+                                                            "(eps, -eps); S even) | glm (the linearized predictive, "
+                                                            "mean-field link; sigma fitted on it)"})
     PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "prompt", "predictive")
     tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
@@ -105,7 +117,9 @@ class TFBConfig(SampledConfig):
     fit: str = field(default="anchor", metadata={"help": "anchor (the paper's: the largest sigma within tau on the "
                                                          "anchors) | val_nll (the sigma with the lowest validation "
                                                          "NLL, true labels)"})
-    n_val: int = field(default=200, metadata={"help": "validation questions for fit=val_nll"})
+    # 64 (was 200), as Laplace's n_val: with predictive=glm the fit is the Jacobians of these questions, 0.09x an
+    # MLE epoch over ARC-E's 2251 questions at 64 and about 0.3x at 200 (docs/FINDINGS.md, finding 20)
+    n_val: int = field(default=64, metadata={"help": "validation questions for fit=val_nll"})
     max_acc_drop: float = field(default=0.01, metadata={"help": "fit=val_nll: largest drop of the validation accuracy "
                                                                 "allowed (1: no limit); the scan stops at the first "
                                                                 "sigma beyond it"})
@@ -135,6 +149,8 @@ class TFBConfig(SampledConfig):
             raise MethodError(f"Unknown `fit` {self.fit!r}; expected one of {', '.join(FITS)}")
         if self.subset not in SUBSETS:
             raise MethodError(f"Unknown `subset` {self.subset!r}; expected one of {', '.join(SUBSETS)}")
+        if self.predictive == "glm" and self.prompt == "mean":
+            raise MethodError("`prompt=mean` does not apply to predictive=glm: it draws no weight samples")
         if self.subset == "last_layer" and self.prompt == "mean":
             raise MethodError("`prompt=mean` does not apply to subset=last_layer: its samples already reuse one "
                               "forward of the prompt (only the LM head is sampled)")
@@ -270,7 +286,10 @@ class TFB(PosthocMethod):
         if self.config.fit == "val_nll" and not validation:
             raise MethodError("fit=val_nll needs validation examples and the split is empty: use a dataset with a "
                               "validation split, or the default fit=anchor")
-        fit = self._fit_val_nll if self.config.fit == "val_nll" else self._fit
+        if self.config.predictive == "glm":
+            fit = self._fit_glm
+        else:
+            fit = self._fit_val_nll if self.config.fit == "val_nll" else self._fit
         data = validation if self.config.fit == "val_nll" else examples
         if self.config.search_dtype == "float32":
             with in_float32(model):
@@ -335,6 +354,82 @@ class TFB(PosthocMethod):
         self._set_sigma(scales, sigma)
         return {"sigma": sigma, "val_nll0": nll0, "val_nll": nll, "val_acc0": acc0, "val_acc": acc,
                 "n_val": len(val), "n_evaluations": n_evaluations}
+
+    def _fit_glm(self, model, scorer, examples, batch_size, generator) -> dict:
+        """predictive=glm: sigma by the fit rule (``fit``) on the linearized predictive, whose covariance is
+        ``sigma^2`` times the one at sigma = 1. One Jacobian pass over the questions, then every sigma of a log grid
+        over [sigma_min, sigma_max] (``GLM_GRID_PER_DECADE`` per decade) in closed form: ``anchor``, the largest
+        sigma below the first whose anchor NLL change exceeds ``tau``; ``val_nll``, the lowest validation NLL below
+        the first sigma whose accuracy drops beyond ``max_acc_drop`` (0 when none beats the adapter)."""
+        cfg = self.config
+        val = cfg.fit == "val_nll"
+        questions = subsample(examples, cfg.n_val if val else cfg.n_anchor, generator)
+        encoded = self._encode(scorer, model, questions, batch_size)
+        scales = self._reparameterize(model)
+        self._set_sigma(scales, 1.0)
+        means, covs = zip(*(self._glm_cov(model, scorer, enc) for enc in encoded), strict=True)
+        labels = [enc.labels.cpu() for enc in encoded] if val else [m.argmax(-1) for m in means]
+
+        def nll_acc(sigma: float) -> tuple[float, float]:
+            total, correct, count = 0.0, 0, 0
+            for mean, cov, y in zip(means, covs, labels, strict=True):
+                probs = meanfield_probs(mean, sigma**2 * cov)
+                total -= probs.double().gather(1, y[:, None]).clamp_min(1e-30).log().sum().item()
+                correct += int((probs.argmax(-1) == y).sum())
+                count += y.shape[0]
+            return total / count, correct / count
+
+        nll0, acc0 = nll_acc(0.0)
+        if not math.isfinite(nll0):
+            raise MethodError(f"The adapter's NLL on the fit questions is {nll0}: the source adapter is broken (NaN "
+                              "weights?)")
+        decades = math.log10(cfg.sigma_max / cfg.sigma_min)
+        grid = torch.logspace(math.log10(cfg.sigma_min), math.log10(cfg.sigma_max),
+                              max(2, round(decades * GLM_GRID_PER_DECADE) + 1), dtype=torch.float64).tolist()
+        per = len(questions) if cfg.tolerance == "per-anchor" else 1
+        sigma, nll, acc, n_grid = 0.0, nll0, acc0, 0
+        for s in grid:
+            n_grid += 1
+            s_nll, s_acc = nll_acc(s)
+            if val:
+                if s_acc < acc0 - cfg.max_acc_drop - 1e-9:
+                    break
+                if s_nll < nll:
+                    sigma, nll, acc = s, s_nll, s_acc
+            else:
+                if abs(s_nll - nll0) / max(nll0, 1e-12) / per > cfg.tau:
+                    break
+                sigma, nll, acc = s, s_nll, s_acc
+        self._set_sigma(scales, sigma)
+        kind = "val" if val else "anchor"
+        result = {"sigma": sigma, f"{kind}_nll0": nll0, f"{kind}_nll": nll, f"{kind}_acc0": acc0, f"{kind}_acc": acc,
+                  f"n_{kind}": len(questions), "n_evaluations": 1, "n_grid": n_grid, "predictive": "glm"}
+        if sigma >= grid[-1] * (1 - 1e-9):
+            result["note"] = (f"sigma is the largest the search allows (sigma_max={cfg.sigma_max:g}): a larger one "
+                              "may fit better (--option sigma_max=...)")
+        return result
+
+    @staticmethod
+    def _glm_cov(model, scorer, enc) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choice logits ``(B, C)`` and the linearized predictive's covariance ``J diag(std^2) J^T`` ``(B, C, C)``
+        (float64, CPU): per Gaussian ``A'`` (r, d_in) the Jacobian of the choice logits, weighted by its std."""
+        layers = {str(i): m for i, m in enumerate(stochastic_layers(model))}
+        mean, jacobians = lora_jacobians(model, scorer, enc, layers)
+        cov = torch.zeros(*mean.shape, mean.shape[1], dtype=torch.float64)
+        for k, J in jacobians.items():  # (C, B, r, d_in)
+            Jw = J.double() * layers[k].std().detach().double().cpu()  # std (r, 1): sigma / d_i per row
+            cov += torch.einsum("cbri,dbri->bcd", Jw, Jw)
+        return mean, cov
+
+    def predict(self, model, scorer, batch, n_samples=None, generator=None) -> Predictive:
+        if self.config.predictive != "glm":
+            return super().predict(model, scorer, batch, n_samples, generator)
+        S = self.resolve_samples(n_samples)
+        if S == 0 or not stochastic_layers(model):  # the adapter itself
+            with torch.no_grad():
+                return Predictive.from_logits(scorer.choice_logits(model, batch))
+        mean, cov = self._glm_cov(model, scorer, batch)
+        return glm_predictive(mean, cov.float(), Link.MEANFIELD.value, S, generator)
 
     def _scan_min(self, evaluate, nll0: float, acc0: float) -> tuple[float, float, float, int]:
         """``(sigma, nll, accuracy, evaluations)`` of the lowest NLL found among the sigmas whose accuracy is at
