@@ -23,6 +23,7 @@ Models"): a Laplace approximation over the LoRA parameters around a trained adap
   the pairwise mean-field (default: closed form, shift-invariant; its ``n_samples`` logit samples give the
   aleatoric / epistemic split), the probit or an MC link (``n_samples`` logit samples; ``0``: probit). Cost: one
   forward + ``C`` backwards (one vectorized backward with ``is_grads_batched``); the link's cost is negligible.
+  The Jacobians and links are :mod:`bayeslora.methods.linearized`, shared with TFB's ``predictive="glm"``.
 * ``subset="last_layer"``: only the LM-head LoRA (cheap backward passes).
 
 Saved (``posterior.safetensors``): eigenvectors/eigenvalues of every factor, ``delta`` and ``N``: no refit needed.
