@@ -459,9 +459,9 @@ def test_laplace_covariance_matches_dense_computation(mle_run, subset):
     torch.testing.assert_close(sum(gram.values()), J @ J.transpose(1, 2), atol=1e-6, rtol=1e-4)
     blocks = []
     for f in method.factors.values():
-        A = f.qa @ torch.diag(f.la) @ f.qa.T
-        G = f.qg @ torch.diag(f.lg) @ f.qg.T
-        blocks.append(method.n_data * torch.kron(G.double(), A.double()))
+        qa, qg = f.qa.double(), f.qg.double()  # float64: float32 rounding of these swamps a weak prior
+        A, G = qa @ torch.diag(f.la.double()) @ qa.T, qg @ torch.diag(f.lg.double()) @ qg.T
+        blocks.append(method.n_data * torch.kron(G, A))
     delta = method.prior_precision
     precision = torch.block_diag(*blocks) + delta * torch.eye(J.shape[-1], dtype=torch.float64)
     dense = J @ torch.linalg.solve(precision, J.transpose(1, 2))
