@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import shutil
 import sys
@@ -112,6 +111,20 @@ def test_posthoc_starts_from_the_mle_run(grid):
     assert row["metrics"]["validation"]["n"] == 10
     # the post-hoc cost unit: one MLE epoch over the 6 fit questions = 2 steps of 4 at the MLE cell's step time
     assert row["fit_epoch_s"] == pytest.approx(row["mle_train_time_s"] / row["mle_steps"] * 2, rel=1e-3, abs=1e-3)
+
+
+def test_a_posthoc_method_fitted_on_validation_gets_all_of_it(grid, tmp_path):
+    """The preset's fit limit is for training questions: a method whose fit split is validation (temperature
+    scaling) fits on the whole split, since a split's first questions are no sample of it."""
+    class ValidationPosthoc(FakePosthoc):
+        name = "bench-posthoc-val"
+        fit_split = "validation"
+
+    grid["mp"].setitem(METHODS, ValidationPosthoc.name, ValidationPosthoc)
+    config = dataclasses.replace(grid["config"], out=str(tmp_path))
+    source = grid["out"] / "runs" / "mle-arith-s1"
+    grid_mod.ensure_posthoc(config, Cell(ValidationPosthoc.name, "arith", 1), source, {})
+    assert fake_bayesianize.calls[-1] == (str(source), ValidationPosthoc.name, "arith", None)
 
 
 def test_rerun_skips_finished_cells_and_retries_failed(grid):

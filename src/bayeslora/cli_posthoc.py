@@ -18,7 +18,8 @@ def _common(p: argparse.ArgumentParser, split_default: str | None) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (repeatable), e.g. --option prior=val_nll")
     p.add_argument("--samples", type=int, default=None, help="test-time posterior samples (method default)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N questions of the fit split")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N questions of the fit split (a "
+                   "method that also tunes on the validation split draws those at random from all of it)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch during the fit")
     p.add_argument("--seed", type=int, default=0, help="seed of subsampling and posterior sampling in the fit")
     _add_data_flags(p)

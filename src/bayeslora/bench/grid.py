@@ -78,7 +78,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
            "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 "
-           "antithetic samples, at most 8 search evaluations), post-hoc fits on 200 questions", max_steps=20,
+           "antithetic samples, at most 8 search evaluations), post-hoc fits on 200 training questions (temperature "
+           "scaling: the whole validation split)", max_steps=20,
            batch_size=8, lr=3e-4, warmup_ratio=0.1, max_length=256, train_limit=None, eval_limit=40, fit_limit=200,
            n_samples=4, datasets=("obqa",), seeds=(1,),
            method_options={"laplace": {"n_samples": 50, "n_val": 200},  # n_val: its table's (the default was 200)
@@ -89,8 +90,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # seed of all nine methods took 48 min (docs/results/calibration-cpu-fewshot.md, cost table).
     Preset("cpu-fewshot", "CPU small-data protocol for SmolLM2-135M on 2 cores: ARC-E, the first 32 training "
            "questions, 40 steps of 4 at lr 1e-3 (5 epochs), fixed 60-question subsets of ARC-E validation and test, "
-           "post-hoc fits on 64 questions, 4 posterior samples for sampling methods (Laplace: 50 logit samples; "
-           "TFB: 32 anchors, 4 antithetic samples, at most 8 search evaluations), seeds 1-3", max_steps=40,
+           "post-hoc fits on 64 training questions (temperature scaling: the whole validation split), 4 posterior "
+           "samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 antithetic samples, at "
+           "most 8 search evaluations), seeds 1-3", max_steps=40,
            batch_size=4, lr=1e-3, warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64,
            n_samples=4, datasets=("arc-e",), seeds=(1, 2, 3),
            method_options={"laplace": {"n_samples": 50},
@@ -100,8 +102,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # cpu-fewshot the MLE adapter is not overconfident on the test subset: docs/FINDINGS.md). One seed: ~8 min per
     # trained cell on 2 cores.
     Preset("cpu-overfit", "CPU overfitting protocol for SmolLM2-135M on 2 cores: cpu-fewshot (ARC-E, the first 32 "
-           "training questions, lr 1e-3, fixed 60-question validation/test subsets, post-hoc fits on 64 questions, "
-           "4 posterior samples) trained for 160 steps of 4 (20 epochs), seed 1", max_steps=160, batch_size=4,
+           "training questions, lr 1e-3, fixed 60-question validation/test subsets, post-hoc fits on 64 training "
+           "questions (temperature scaling: the whole validation split), 4 posterior samples) trained for 160 "
+           "steps of 4 (20 epochs), seed 1", max_steps=160, batch_size=4,
            lr=1e-3, warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64, n_samples=4,
            datasets=("arc-e",), seeds=(1,),
            method_options={"laplace": {"n_samples": 50},
@@ -415,6 +418,8 @@ def ensure_trained(config: GridConfig, cell: Cell, timings: dict, prefix: str = 
 
 def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) -> Path:
     """Apply a post-hoc method to the MLE run ``source`` (``bayeslora.posthoc.bayesianize``)."""
+    from ..methods import get_method_class
+
     try:
         from ..posthoc import bayesianize
     except ImportError as exc:
@@ -423,10 +428,13 @@ def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) 
     run_dir = Path(config.out) / RUNS_DIR / cell.run_name
     if not _run_done(run_dir):
         t0 = time.perf_counter()
-        # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation)
+        # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation). The
+        # fit limit is for training questions: a split's first questions are no sample of it, and temperature
+        # scaling fits on all of validation (cells before 2026-11-24 took its first fit_limit; FINDINGS 21)
+        on_train = getattr(get_method_class(cell.method), "fit_split", "train") == "train"
         bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None,
                     options=method_options(config, cell.method), data_dir=config.data_dir,
-                    model=config.model, limit=config.preset.fit_limit, seed=cell.seed)
+                    model=config.model, limit=config.preset.fit_limit if on_train else None, seed=cell.seed)
         timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
         epoch = fit_epoch_seconds(timings, run_dir, config.preset.batch_size)
         if epoch is not None:
