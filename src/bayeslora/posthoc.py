@@ -180,7 +180,7 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     if meth.tune_split is not None:
         # the whole split, from which the method draws its n_val questions at random; `limit` is the fit split's
         # alone: a split's first questions are not a sample of it (ARC-E's first 64 validation questions were
-        # harder than 98% of random 64-question draws for the cpu-fewshot adapters; docs/FINDINGS.md, finding 21)
+        # harder than 98% of random 64-question draws for the seed-1 cpu-fewshot adapter; FINDINGS, finding 21)
         extra["validation"] = load_task(dataset, meth.tune_split, data_dir)
     t0 = time.perf_counter()
     fitted = meth.fit(peft_model, scorer, examples, batch_size=batch_size, generator=generator, **extra)
