@@ -53,7 +53,21 @@ def rows_for(config) -> list[Row]:
                  Row("antithetic S=2, prompt=mean", 2, {"predictive": "antithetic", "prompt": "mean"})]
     if _accepts(config, "head"):
         rows.append(Row("head S=10", 10, {"predictive": "head"}))
+    if _accepts(config, "glm"):  # TFB: the linearized model, S/2 mirrored pairs and the mean as S + 1 rows
+        rows += [Row(f"linearized S={s}", s, {"predictive": "glm"}) for s in (10, 4, 2)]
     return rows
+
+
+def select_rows(rows: list[Row], names: str | None) -> list[Row]:
+    """The rows named in ``names`` (comma-separated), after the deterministic and reference rows, which every
+    report needs; all rows for ``None``."""
+    if names is None:
+        return rows
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - {row.name for row in rows}
+    if unknown:
+        raise ValueError(f"Unknown rows {sorted(unknown)}; this run has {[row.name for row in rows]}")
+    return [row for row in rows if row.name in wanted or row.name in (rows[0].name, REFERENCE)]
 
 
 def _accepts(config, predictive: str) -> bool:
@@ -95,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="benchmark data (default: $BAYESLORA_DATA)")
     p.add_argument("--prompts", type=int, default=8, help="questions used as prompts")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens decoded per request")
+    p.add_argument("--rows", default=None, help="comma-separated rows to run besides the deterministic and "
+                                                 f"{REFERENCE!r} rows (default: every row the run can draw)")
     p.add_argument("--out", default="docs/results/generation.md", help="Markdown report (JSON next to it)")
     args = p.parse_args(argv)
     try:
@@ -123,7 +139,7 @@ def _run(args, argv: list[str] | None) -> int:
     saved = run.method.config
     examples = load_task(args.dataset, args.split, data_dir=args.data_dir, limit=args.prompts)
     prompts = [service.chat_prompt([ChatMessage(role="user", content=ex.prompt)]) for ex in examples]
-    rows = rows_for(saved)
+    rows = select_rows(rows_for(saved), args.rows)
     base = {"prompt": "sample", "sample_chunk": 0}  # every row states all of its options
     if "predictive" in type(saved).PREDICTION_OPTIONS:
         base["predictive"] = "mc"

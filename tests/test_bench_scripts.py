@@ -56,6 +56,24 @@ def test_generation_bench_on_a_tiny_blob_run(tmp_path):
     assert det_row.split("|")[6].strip() == "–"  # no rank correlation, and no token count beside the dash
 
 
+def test_generation_bench_rows_for_tfb_and_row_selection():
+    """A TFB run gets the linearized rows (its glm predictive), BLoB does not; --rows keeps the rows it names plus
+    the deterministic and reference rows, and names an unknown row."""
+    from bayeslora.methods import get_method_class
+
+    bench = _bench()
+    tfb = bench.rows_for(get_method_class("tfb").config_cls())
+    names = [row.name for row in tfb]
+    assert {"linearized S=4", "linearized S=2", "antithetic S=4"} <= set(names) and "head S=10" not in names
+    assert all(row.options == {"predictive": "glm"} for row in tfb if row.name.startswith("linearized"))
+    assert not any(n.startswith("linearized") for n in
+                   (row.name for row in bench.rows_for(get_method_class("blob").config_cls())))
+    picked = bench.select_rows(tfb, "linearized S=4, antithetic S=4")
+    assert [row.name for row in picked] == ["deterministic (S=1)", "MC S=10", "antithetic S=4", "linearized S=4"]
+    assert bench.select_rows(tfb, None) == tfb
+    with pytest.raises(ValueError, match="Unknown rows.*nope"):
+        bench.select_rows(tfb, "nope")
+
 
 def test_generation_bench_refuses_a_run_without_samples(tmp_path):
     config = TrainConfig(model="tiny-random-llama", dataset="arith", method="mle", max_steps=1, batch_size=2,

@@ -71,18 +71,19 @@ def test_bench_speed_rejects_bad_input(capsys):
 def test_bench_speed_posthoc_part(tmp_path):
     """One MLE epoch over the fit questions, then each post-hoc method fitted on them, as ratios to the epoch."""
     md, raw = tmp_path / "posthoc.md", tmp_path / "posthoc.json"
+    tfb = "tfb:fit=anchor:predictive=mc:search=bisect:search_steps=2"  # the paper's search, so that the bisection runs
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--parts", "posthoc",
-                 "--posthoc-methods", "temperature,tfb:search=bisect:search_steps=2", "--fit-questions", "8",
+                 "--posthoc-methods", f"temperature,{tfb}", "--fit-questions", "8",
                  "--batch-size", "4", "--keep-mle", str(tmp_path / "mle"),
                  "--md", str(md), "--json", str(raw)]) == 0
     assert json.loads((tmp_path / "mle" / "run.json").read_text())["method"] == "mle"  # kept, a usable run
     rows = json.loads(raw.read_text())["posthoc"]
-    assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", "tfb:search=bisect:search_steps=2"]
+    assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", tfb]
     assert rows[2]["details"]["n_evaluations"] <= 4  # the bisection's 2 + search_steps evaluations at most
     assert rows[0]["x_epoch"] == 1.0 and all(r["fit_s"] > 0 for r in rows)
     assert rows[1]["split"] == "validation" and rows[2]["split"] == "train" and rows[2]["n_examples"] == 8
     text = md.read_text()
-    assert "Post-hoc fit vs one MLE epoch" in text and "| tfb:search=bisect:search_steps=2 | train | 8 |" in text
+    assert "Post-hoc fit vs one MLE epoch" in text and f"| {tfb} | train | 8 |" in text
     assert "temperature " in text.split("| temperature |")[1].splitlines()[0]  # the fitted temperature is shown
 
 

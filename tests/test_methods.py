@@ -141,10 +141,12 @@ def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
 
 
 def test_prompt_mean_is_a_prediction_option_of_every_sampled_method(examples):
-    """``prompt`` lives on SampledConfig: MC-dropout, TFB and sgp take it as BLoB does, at evaluation time too."""
+    """``prompt`` lives on SampledConfig: MC-dropout, TFB and sgp take it as BLoB does, at evaluation time too (TFB
+    with weight samples: its default linearized predictive draws none)."""
     for name in ("blob", "mcd", "tfb", "sgp"):
         cls = get_method_class(name)
-        config = cls.config_cls.with_prediction_options(cls.config_cls().to_dict(), {"prompt": "mean"})
+        extra = {"predictive": "mc"} if name == "tfb" else {}
+        config = cls.config_cls.with_prediction_options(cls.config_cls().to_dict(), {"prompt": "mean", **extra})
         assert config.sample_plan().mean_prompt and not cls.config_cls().sample_plan().mean_prompt
         with pytest.raises(MethodError, match="prompt"):
             build_method(name, {"prompt": "last"})

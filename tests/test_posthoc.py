@@ -130,7 +130,8 @@ def _fit_in_memory(method_name, options, source, tmp_path, split="train", n=12):
     return mem, load_run(out)
 
 
-TFB_FAST = {"n_anchor": 8, "search_samples": 2, "search_steps": 3, "n_samples": 3}
+# the paper's rule and predictive (the defaults are fit=val_nll, predictive=glm), cut down for the tiny model
+TFB_FAST = {"fit": "anchor", "predictive": "mc", "n_anchor": 8, "search_samples": 2, "search_steps": 3, "n_samples": 3}
 
 
 def test_tfb_svd_reparameterization_preserves_product():
@@ -366,6 +367,58 @@ def test_tfb_glm_fit_rules_round_trip_and_eval_option(mle_run, tmp_path, capsys)
         build_method("tfb", {"predictive": "glm", "prompt": "mean"})
 
 
+def test_tfb_glm_generation_decodes_the_linearized_model(mle_run, tmp_path):
+    """predictive=glm in generation: S/2 mirrored pairs and the adapter itself as S + 1 rows of one forward (the last
+    row without noise), whose logits become ``f(mean) +- central difference``: the even-order shift of the weight
+    samples is dropped, so the samples' mean logits are the adapter's; the tokens are the adapter's own (greedy: the
+    deterministic decode's), the uncertainty the samples'. An odd S is refused for generation only."""
+    from bayeslora.methods import MethodError
+    from bayeslora.peft_ext import sample_groups, stochastic_layers
+    from bayeslora.serve.generation import DecodeParams, decode, linearized_logits, step_stats
+
+    # central differences remove any even part exactly: rows f0 + odd_i + even_i and f0 - odd_i + even_i
+    f0, odd, even = torch.randn(1, 7), torch.randn(2, 7), torch.randn(2, 7)
+    rows = torch.cat([f0 + odd + even, f0 - odd + even, f0])
+    torch.testing.assert_close(linearized_logits(rows), torch.cat([f0 + odd, f0 - odd]))
+
+    _, run = _fit_in_memory("tfb", {**TFB_FAST, "predictive": "glm", "sigma_max": 10.0}, mle_run, tmp_path)
+    model, method = run.model, run.method
+    assert run.info["fit"]["sigma"] > 0 and method.config.sample_plan().linearized
+    with sample_groups(model, None, n_groups=5, generator=torch.Generator().manual_seed(0), antithetic=True,
+                       center=True) as state:
+        layer = stochastic_layers(model)[0]
+        eps = state.noise(layer, tuple(layer.weight.shape), "cpu", torch.float32)
+    assert eps.shape[0] == 5
+    torch.testing.assert_close(eps[2:4], -eps[:2])
+    assert eps[4].abs().max() == 0 and eps[:2].abs().min() > 0
+
+    prompt = [5, 6, 7]
+    steps = list(decode(model, method, prompt, DecodeParams(max_tokens=3, temperature=0.0, n_samples=4),
+                        torch.Generator().manual_seed(0)))
+    assert len(steps) == 3 and max(s.epistemic for s in steps) > 0
+    plain_steps = list(decode(model, method, prompt, DecodeParams(max_tokens=3, temperature=0.0, n_samples=1), None))
+    assert [s.token_id for s in steps] == [s.token_id for s in plain_steps]
+    # the first step by hand: the same draws, the linearized samples, their mean logits = the adapter's
+    ids = torch.tensor([prompt] * 5)
+    with torch.no_grad():
+        plain = model(input_ids=ids[:1]).logits[:, -1]
+        with method.sampling(model, None, n_groups=5, generator=torch.Generator().manual_seed(0), antithetic=True,
+                             center=True):
+            logits = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(logits[4:], plain, atol=1e-5, rtol=1e-5)
+    assert (logits[0] - plain[0]).abs().max() > 1e-4  # the pairs are perturbed
+    samples = linearized_logits(logits)
+    torch.testing.assert_close(samples.mean(0, keepdim=True), plain, atol=1e-5, rtol=1e-5)
+    probs, total, aleatoric, epistemic = step_stats(samples)
+    assert steps[0].token_id == int(plain.argmax())
+    assert steps[0].logprob == pytest.approx(math.log(probs[steps[0].token_id]), rel=1e-4)  # under the mixture
+    assert steps[0].entropy == pytest.approx(total, rel=1e-4) and steps[0].epistemic == pytest.approx(
+        epistemic, rel=1e-3, abs=1e-7)
+    method.config.sample_plan().check(3)  # the choice predictive takes any S
+    with pytest.raises(MethodError, match="even"):
+        method.config.sample_plan().check(3, generation=True)
+
+
 def test_tfb_last_layer_samples_the_lm_head_alone(mle_run, peft_adapter, tmp_path):
     """subset=last_layer: only the LM head's A is Gaussian; its samples are exact (one trunk forward, then the head:
     the same logits as a whole forward with that weight sample); the search's cached head inputs give the NLL of
@@ -407,7 +460,7 @@ def test_tfb_last_layer_samples_the_lm_head_alone(mle_run, peft_adapter, tmp_pat
     with pytest.raises(MethodError, match="subset"):
         build_method("tfb", {"subset": "middle"})
     with pytest.raises(MethodError, match="prompt=mean"):
-        build_method("tfb", {"subset": "last_layer", "prompt": "mean"})
+        build_method("tfb", {"subset": "last_layer", "predictive": "mc", "prompt": "mean"})
     from bayeslora.posthoc import load_adapter
 
     loaded = load_model(TINY)

@@ -179,11 +179,39 @@ def test_antithetic_decode_draws_mirrored_pairs_and_needs_an_even_S(tiny_stochas
 
     monkeypatch.setattr(run.method, "sampling", spy)
     steps = _decode(run, [5, 6, 7, 8], S=4)
-    assert states == [{"groups": None, "n_groups": 4, "generator": states[0]["generator"], "antithetic": True}]
+    assert states == [{"groups": None, "n_groups": 4, "generator": states[0]["generator"], "antithetic": True,
+                       "center": False}]
     assert all(s.epistemic > 0 for s in steps)
     with pytest.raises(MethodError, match="mirrored pairs"):
         _decode(run, [5, 6, 7, 8], S=3)
     assert len(_decode(run, [5, 6, 7, 8], S=1)) == 5  # S = 1 is the deterministic forward: nothing to pair
+
+
+def test_linearized_decode_keeps_the_mean_tokens_and_chunks_alike(tiny_stochastic_run, planned, monkeypatch):
+    """A linearized plan decodes S + 1 rows (S/2 mirrored pairs and the mean, one forward per step); the tokens are
+    the deterministic decode's, the uncertainty is the samples'; rows in chunks give the same numbers."""
+    run = planned(tiny_stochastic_run, linearized=True)
+    states, sampling = [], run.method.sampling
+
+    def spy(*args, **kwargs):
+        states.append(kwargs)
+        return sampling(*args, **kwargs)
+
+    monkeypatch.setattr(run.method, "sampling", spy)
+    log, hook = _forward_rows(run)
+    try:
+        steps = _decode(run, [5, 6, 7, 8], S=4)
+    finally:
+        hook.remove()
+    assert states[0]["n_groups"] == 5 and states[0]["antithetic"] and states[0]["center"]
+    assert {rows for rows, _ in log} == {5} and len(log) == 5  # one forward of S + 1 rows per step
+    plain = _decode(tiny_stochastic_run, [5, 6, 7, 8], S=1)
+    assert [s.token_id for s in steps] == [s.token_id for s in plain]
+    assert all(s.epistemic > 0 for s in steps)
+    chunked = _decode(planned(tiny_stochastic_run, linearized=True, chunk=2), [5, 6, 7, 8], S=4)
+    assert [s.epistemic for s in chunked] == pytest.approx([s.epistemic for s in steps], abs=1e-5)  # MI: H - E[H]
+    with pytest.raises(MethodError, match="mirrored pairs"):
+        _decode(run, [5, 6, 7, 8], S=3)
 
 
 def test_service_refuses_samples_the_plan_cannot_draw(tiny_stochastic_run, planned):
@@ -196,6 +224,11 @@ def test_service_refuses_samples_the_plan_cannot_draw(tiny_stochastic_run, plann
     with pytest.raises(InvalidRequest, match="mirrored pairs"):
         service.choose(ChoicesRequest(question="q", choices=["a", "b"], samples=1))
     assert service.chat_completion(chat.model_copy(update={"samples": 4})).choices[0].confidence.n_samples == 4
+    # the linearized plan pairs its samples in generation only; the choice predictive takes any S
+    linear = InferenceService(planned(tiny_stochastic_run, linearized=True), ServeSettings(max_samples=8))
+    with pytest.raises(InvalidRequest, match="mirrored pairs"):
+        linear.chat_completion(chat)
+    assert linear.choose(ChoicesRequest(question="q", choices=["a", "b"], samples=3)).n_samples == 3
 
 
 def _tiny_blob(predictive: str, targets: list[str]):

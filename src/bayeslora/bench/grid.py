@@ -71,19 +71,17 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # Measured end to end on 2 idle cores with the real model (runs/small, 2026-11-23): all nine methods in 43 min
-    # (`/usr/bin/time` of the whole command; cells from 91 s for temperature scaling to 652 s for Laplace). With its
-    # default search (up to 500 anchors x 10 samples x 10 evaluations) TFB alone would take ~40 min, hence the cheap
-    # search below (as in cpu-fewshot). SmolLM2-135M is at chance on OBQA, so this is a smoke test of the pipeline,
-    # not a calibration comparison (docs/FINDINGS.md): use cpu-fewshot / cpu-overfit for that.
+    # (`/usr/bin/time` of the whole command; cells from 91 s for temperature scaling to 652 s for Laplace), when TFB
+    # ran the paper's anchor search on 32 anchors (its default then; the default val_nll + glm fit reads validation
+    # and has no search options: docs/FINDINGS.md, finding 22). SmolLM2-135M is at chance on OBQA, so this is a
+    # smoke test of the pipeline, not a calibration comparison (docs/FINDINGS.md): use cpu-fewshot / cpu-overfit.
     Preset("cpu-small", "CPU smoke protocol for SmolLM2-135M on 2 cores: OBQA only, seed 1, 20 steps of 8 "
            "questions, fixed 40-question subsets of OBQA validation and test and of the ARC-C / ARC-E test sets "
-           "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 "
-           "antithetic samples, at most 8 search evaluations), post-hoc fits on 200 training questions (temperature "
-           "scaling: the whole validation split)", max_steps=20,
+           "(OOD), 4 posterior samples for sampling methods (Laplace: 50 logit samples), post-hoc fits on 200 "
+           "training questions (temperature scaling: the whole validation split)", max_steps=20,
            batch_size=8, lr=3e-4, warmup_ratio=0.1, max_length=256, train_limit=None, eval_limit=40, fit_limit=200,
            n_samples=4, datasets=("obqa",), seeds=(1,),
-           method_options={"laplace": {"n_samples": 50, "n_val": 200},  # n_val: its table's (the default was 200)
-                           "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
+           method_options={"laplace": {"n_samples": 50, "n_val": 200}}),  # n_val: its table's (the default was 200)
     # Small-data protocol (the regime the project is about: few examples, an adapter that overfits). Probe on the
     # real model (2 idle cores): MLE on the first 32 ARC-E training questions, 40 steps of 4 at lr 1e-3, reaches 97%
     # training accuracy while validation confidence is 0.62 at 44% accuracy (ECE 23%). ~3 s per step. Measured: one
@@ -91,12 +89,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cpu-fewshot", "CPU small-data protocol for SmolLM2-135M on 2 cores: ARC-E, the first 32 training "
            "questions, 40 steps of 4 at lr 1e-3 (5 epochs), fixed 60-question subsets of ARC-E validation and test, "
            "post-hoc fits on 64 training questions (temperature scaling: the whole validation split), 4 posterior "
-           "samples for sampling methods (Laplace: 50 logit samples; TFB: 32 anchors, 4 antithetic samples, at "
-           "most 8 search evaluations), seeds 1-3", max_steps=40,
+           "samples for sampling methods (Laplace: 50 logit samples), seeds 1-3", max_steps=40,
            batch_size=4, lr=1e-3, warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64,
            n_samples=4, datasets=("arc-e",), seeds=(1, 2, 3),
-           method_options={"laplace": {"n_samples": 50},
-                           "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
+           method_options={"laplace": {"n_samples": 50}}),
     # The same small-data protocol trained 4x longer (20 epochs of the 32 questions): the regime where an MLE adapter
     # has memorized its training set and is overconfident, which is what Bayesian LoRA is meant to fix (on
     # cpu-fewshot the MLE adapter is not overconfident on the test subset: docs/FINDINGS.md). One seed: ~8 min per
@@ -107,12 +103,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            "steps of 4 (20 epochs), seed 1", max_steps=160, batch_size=4,
            lr=1e-3, warmup_ratio=0.1, max_length=256, train_limit=32, eval_limit=60, fit_limit=64, n_samples=4,
            datasets=("arc-e",), seeds=(1,),
-           method_options={"laplace": {"n_samples": 50},
-                           "tfb": {"n_anchor": 32, "search_samples": 4, "search_steps": 6}}),
+           method_options={"laplace": {"n_samples": 50}}),
     # One GPU lease (30 min on an H100, shared with the speed benchmarks): all of ARC-E's 2251 training questions,
     # 400 steps of 16 (2.8 epochs; on a GPU a SmolLM2 step costs the same at batch 8 and 128), lr 3e-4, the full
     # validation (570) and test (2376) sets, each method's own defaults (10 posterior samples; Laplace on 200
-    # questions with its prior tuned on 64 validation questions; TFB on 500 anchors).
+    # questions with its prior tuned on 64 validation questions; TFB's sigma on 64 validation questions).
     Preset("gpu-arc-e", "One-GPU protocol for SmolLM2-135M: ARC-E, all 2251 training questions, 400 steps of 16 at "
            "lr 3e-4 (2.8 epochs), full validation and test sets, each method's default posterior samples and fit "
            "sizes, seeds 1-3", max_steps=400, batch_size=16, lr=3e-4, warmup_ratio=0.06, max_length=256,

@@ -46,7 +46,8 @@ PREDICTIVES: dict[str, list[tuple[str, dict, int]]] = {
              ("mean prompt, MC S=10", {"predictive": "mc", "prompt": "mean"}, 10),
              ("mean prompt, antithetic S=10", {"predictive": "antithetic", "prompt": "mean"}, 10)],
     "sgp": [("S=1", {}, 1), ("S=4", {}, 4), ("S=10", {}, 10), ("S=32", {}, 32)],
-    "tfb": [("MC S=4", {"predictive": "mc"}, 4), ("antithetic S=4", {"predictive": "antithetic"}, 4)],
+    "tfb": [("linearized (glm)", {"predictive": "glm"}, 4), ("MC S=4", {"predictive": "mc"}, 4),
+            ("antithetic S=4", {"predictive": "antithetic"}, 4)],
 }
 REFERENCE = ("mle", "deterministic")
 MC_REFERENCE = ("blob", "MC S=10")

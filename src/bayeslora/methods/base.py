@@ -74,15 +74,18 @@ class SamplePlan:
     chunk: int = 0  # samples per batched forward (0: all S in one)
     head: bool = False  # the trunk runs once at the posterior mean; only the LM head's LoRA is sampled
     max_samples: int = 0  # distinct samples the posterior has (an ensemble's members; 0: no limit)
+    # generation decodes the linearized predictive: the posterior mean plus the central differences of S/2 mirrored
+    # pairs (S even), read from one batched forward of S + 1 rows (see bayeslora.serve.generation.decode)
+    linearized: bool = False
 
     def samples(self, n_samples: int) -> int:
         """The samples actually drawn for ``n_samples`` requested: at most ``max_samples``, so that no member of a
         finite posterior counts twice in the average."""
         return min(n_samples, self.max_samples) if self.max_samples else n_samples
 
-    def check(self, n_samples: int) -> None:
-        """A clear error when ``n_samples`` (> 0) cannot be drawn under this plan."""
-        if self.antithetic:
+    def check(self, n_samples: int, generation: bool = False) -> None:
+        """A clear error when ``n_samples`` (> 0) cannot be drawn under this plan (``generation``: by the decoder)."""
+        if self.antithetic or (generation and self.linearized):
             check_pairs(n_samples)
 
 
@@ -214,16 +217,17 @@ class BayesianMethod:
 
     # -- prediction -----------------------------------------------------------------------------------------
     def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
-                 generator: torch.Generator | None = None, antithetic: bool = False):
+                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False):
         """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``
         (``groups=None``: sample ``b``, one per question, ``n_groups`` of them).
 
         Used for training (one sample per question), batched prediction (a batch repeated S times, one group per
         copy) and generation (S copies of a prompt decoded together). Default: the stochastic LoRA layers of
         :mod:`bayeslora.peft_ext` (a no-op for a deterministic model); methods with other kinds of samples
-        (ensemble members, ...) override it. ``antithetic``: mirrored noise pairs (see :func:`sample_groups`).
+        (ensemble members, ...) override it. ``antithetic``: mirrored noise pairs; ``center``: the last group is
+        the posterior mean (see :func:`sample_groups`).
         """
-        return sample_groups(model, groups, n_groups, generator, antithetic=antithetic)
+        return sample_groups(model, groups, n_groups, generator, antithetic=antithetic, center=center)
 
     def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
         """For a plan with ``head``: ``(LM-head layer, deltas)``, ``deltas(h)`` giving the logit offsets (S, N, V)

@@ -100,10 +100,10 @@ class Ensemble(BayesianMethod):
         return torch.stack(out)
 
     def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
-                 generator: torch.Generator | None = None, antithetic: bool = False):
+                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False):
         """Question ``q`` uses member ``groups[q] mod K`` (``groups=None``: member ``q mod K``)."""
-        if antithetic:
-            raise MethodError("Ensemble members have no antithetic mirror images")
+        if antithetic or center:
+            raise MethodError("Ensemble members have no antithetic mirror images and no posterior mean")
         if groups is None:
             groups = torch.arange(n_groups)
         if groups.numel() == 0:

@@ -4,9 +4,12 @@
 From a trained LoRA ``Delta W = B A`` (B: (d_out, r), A: (r, d_in)): the SVD ``B = U diag(d) V^T`` gives the
 equivalent factors ``B' = U diag(d)``, ``A' = V^T A`` (``B' A' = B A``). The posterior is Gaussian on ``A'`` with
 std ``sigma / d_i`` on row ``i``: the induced noise on ``Delta W`` is ``sigma * U eps`` — an isotropic Gaussian of
-std ``sigma`` inside the adapter's column space. One scalar ``sigma`` (shared by all layers) is the largest for
-which the predictive NLL on an anchor set (default 500 fit examples, S = 10 samples), measured against the
-adapter's own predicted labels, changes by at most a relative ``tau`` (default 0.003). Sampling reuses
+std ``sigma`` inside the adapter's column space. One scalar ``sigma`` is shared by all layers. The paper picks the
+largest for which the predictive NLL on an anchor set (500 fit examples, S = 10 samples), measured against the
+adapter's own predicted labels, changes by at most a relative ``tau`` (0.003): ``fit="anchor"``,
+``predictive="mc"``. Our defaults are ``fit="val_nll"`` and ``predictive="glm"`` (below): with the paper's rule the
+posterior stays where the adapter is and calibrates nothing, and the search costs more than an epoch at its
+defaults (docs/FINDINGS.md, findings 5, 8 and 22). Sampling reuses
 :class:`bayeslora.peft_ext.GaussianLoraA` (fixed, non-trainable std) and the batched per-question samples of
 :meth:`BayesianMethod.sampling`. No gradient is computed, but by the linearized predictive (``predictive="glm"``).
 
@@ -39,26 +42,29 @@ The tolerance (``tolerance``):
 
 What sigma is fitted to (``fit``):
 
-- ``anchor`` (default; the paper's): the search above, on the adapter's own predictions.
-- ``val_nll`` (ours; like Laplace's ``prior=val_nll``): the sigma with the lowest NLL of the true labels of
-  ``n_val`` validation questions under the ``search_samples`` antithetic-sample predictive (common random numbers),
+- ``anchor`` (the paper's): the search above, on the adapter's own predictions.
+- ``val_nll`` (ours, the default; like Laplace's ``prior=val_nll``): the sigma with the lowest NLL of the true labels
+  of ``n_val`` validation questions under the ``search_samples`` antithetic-sample predictive (common random numbers),
   sigma = 0 when no sigma beats the adapter. Only sigmas whose validation accuracy stays within ``max_acc_drop``
-  (default 0.01) of the adapter's count: on an adapter whose NLL is worse than a uniform guess, NLL alone rewards
-  noise that wipes out the answers (cpu-overfit seed 1 without the limit: sigma 0.32, test accuracy 50% -> 23%).
-  A scan in half-decades up from 1e-3 until the NLL rises or the accuracy drops beyond the limit, then one
-  parabolic step in log sigma (:meth:`TFB._scan_min`): typically 4-7 evaluations. The anchor rules hold the
-  adapter's own answers nearly fixed, so an overconfident adapter stays overconfident; this one asks how far the
-  noise family can calibrate it.
+  (default 0.01) of the adapter's count: on an adapter whose NLL is worse than a uniform guess, NLL alone rewards noise
+  that wipes out the answers (cpu-overfit seed 1 without the limit: sigma 0.32, test accuracy 50% -> 23%). A scan in
+  half-decades up from 1e-3 until the NLL rises or the accuracy drops beyond the limit, then one parabolic step in log
+  sigma (:meth:`TFB._scan_min`): typically 4-7 evaluations. The anchor rules hold the adapter's own answers nearly
+  fixed, so an overconfident adapter stays overconfident; this one asks how far the noise family can calibrate it.
 
-Prediction: ``n_samples`` independent samples (``predictive="mc"``), or mirrored pairs (eps, -eps) as for BLoB
-(``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma, or (``"glm"``,
-ours) the linearized predictive of the same posterior, as Laplace-LoRA's (:mod:`bayeslora.methods.linearized`):
-choice logits ``N(f(x), sigma^2 J D J^T)`` with ``J`` the Jacobian w.r.t. the Gaussian ``A'`` factors and ``D`` the
-``1 / d_i^2`` of their rows, through the mean-field link. Its mean is the adapter's own logits, so noise cannot
-reorder the answers the way weight samples do (cpu-overfit: TFB's MC predictive lost 3-5 points of accuracy where
-its sigma calibrates, docs/FINDINGS.md, finding 14); it costs one forward and a vectorized backward per batch. With
-``glm`` the fit searches sigma on the same predictive, in closed form: the Jacobians of its questions once, then
-every sigma of a log grid (:meth:`TFB._fit_glm`). Generation (``bayeslora serve``) still draws weight samples.
+Prediction: ``n_samples`` independent samples (``predictive="mc"``, the paper's), or mirrored pairs (eps, -eps) as for
+BLoB (``"antithetic"``; S even), whose average keeps the adapter's answers to second order in sigma, or (``"glm"``,
+ours, the default) the linearized predictive of the same posterior, as Laplace-LoRA's
+(:mod:`bayeslora.methods.linearized`): choice logits ``N(f(x), sigma^2 J D J^T)`` with ``J`` the Jacobian w.r.t. the
+Gaussian ``A'`` factors and ``D`` the ``1 / d_i^2`` of their rows, through the mean-field link. Its mean is the
+adapter's own logits, so noise cannot reorder the answers the way weight samples do (cpu-overfit: TFB's MC predictive
+lost 3-5 points of accuracy where its sigma calibrates, docs/FINDINGS.md, finding 14); it costs one forward and a
+vectorized backward per batch. With ``glm`` the fit searches sigma on the same predictive, in closed form: the
+Jacobians of its questions once, then every sigma of a log grid (:meth:`TFB._fit_glm`). Generation in
+``bayeslora serve`` cannot take the Jacobians of every vocabulary logit, so it samples the same linearized model by
+central differences: S/2 mirrored weight-sample pairs and the adapter itself decoded as S + 1 rows of one forward,
+logits ``f(x) +- (f(x; +eps) - f(x; -eps)) / 2`` (:func:`bayeslora.serve.generation.linearized_logits`), the tokens
+chosen from the adapter's own distribution.
 
 Which LoRA layers get the noise (``subset``): ``all`` (default, the paper's), or ``last_layer``: the LM head's LoRA
 only. Then the trunk is deterministic, so a sample costs an LM-head pass, not a forward: the search evaluates
@@ -97,9 +103,12 @@ GLM_GRID_PER_DECADE = 10
 @dataclass
 class TFBConfig(SampledConfig):
     n_samples: int = field(default=10, metadata={"help": "posterior samples at test time (0: the adapter itself)"})
-    predictive: str = field(default="mc", metadata={"help": "mc (independent samples) | antithetic (mirrored pairs "
-                                                            "(eps, -eps); S even) | glm (the linearized predictive, "
-                                                            "mean-field link; sigma fitted on it)"})
+    # glm and val_nll by default (were mc and anchor, the paper's): on the cpu-fewshot and cpu-overfit adapters
+    # (500 test questions, 3 seeds each) they lower ECE and NLL on every seed with accuracy within 0.4 points, at
+    # 0.09x an MLE epoch; the paper's pair left both where MLE had them, at 2.49x (docs/FINDINGS.md, finding 22)
+    predictive: str = field(default="glm", metadata={"help": "glm (the linearized predictive, mean-field link; sigma "
+                                                             "fitted on it) | mc (independent samples, the paper's) | "
+                                                             "antithetic (mirrored pairs (eps, -eps); S even)"})
     PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples", "sample_chunk", "prompt", "predictive")
     tau: float = field(default=0.003, metadata={"help": "largest allowed relative change of the anchor NLL"})
     n_anchor: int = field(default=500, metadata={"help": "anchor questions drawn from the fit split"})
@@ -114,9 +123,10 @@ class TFBConfig(SampledConfig):
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
     search_dtype: str = field(default="float32", metadata={"help": "float32 (a half-precision model is searched in "
                                                                    "float32) | model (its own dtype)"})
-    fit: str = field(default="anchor", metadata={"help": "anchor (the paper's: the largest sigma within tau on the "
-                                                         "anchors) | val_nll (the sigma with the lowest validation "
-                                                         "NLL, true labels)"})
+    fit: str = field(default="val_nll", metadata={"help": "val_nll (the sigma with the lowest validation NLL, true "
+                                                          "labels; a user file, one split, tunes on the fit data) | "
+                                                          "anchor (the paper's: the largest sigma within tau on the "
+                                                          "anchors)"})
     # 64 (was 200), as Laplace's n_val: with predictive=glm the fit is the Jacobians of these questions, 0.09x an
     # MLE epoch over ARC-E's 2251 questions at 64 and about 0.3x at 200 (docs/FINDINGS.md, finding 20)
     n_val: int = field(default=64, metadata={"help": "validation questions for fit=val_nll"})
@@ -162,8 +172,10 @@ class TFBConfig(SampledConfig):
 
     def sample_plan(self) -> SamplePlan:
         # last_layer: the LM head's A is the only Gaussian factor, so the head predictive is exact MC
+        # glm on all layers: generation samples the linearized model (on the head alone, MC is already linear)
         return dataclasses.replace(super().sample_plan(), antithetic=self.predictive == "antithetic",
-                                   head=self.subset == "last_layer")
+                                   head=self.subset == "last_layer",
+                                   linearized=self.predictive == "glm" and self.subset == "all")
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +199,7 @@ def _gaussian_factory(name: str, linear: torch.nn.Linear) -> GaussianLoraA:
 @register_method
 class TFB(PosthocMethod):
     name = "tfb"
-    description = "training-free Bayesianization: SVD-reparameterized LoRA, sigma by anchor-NLL search (post hoc)"
+    description = "training-free Bayesianization: SVD-reparameterized LoRA, sigma fitted to validation NLL (post hoc)"
     config_cls = TFBConfig
 
     def prepare(self, base_model, adapter):
@@ -285,7 +297,7 @@ class TFB(PosthocMethod):
     def fit(self, model, scorer, examples, batch_size=8, generator=None, validation=None) -> dict:
         if self.config.fit == "val_nll" and not validation:
             raise MethodError("fit=val_nll needs validation examples and the split is empty: use a dataset with a "
-                              "validation split, or the default fit=anchor")
+                              "validation split, or fit=anchor")
         if self.config.predictive == "glm":
             fit = self._fit_glm
         else:

@@ -34,7 +34,8 @@ class SamplingState:
     continuation) share one weight sample. Noise is drawn once per layer per context (from ``generator``) and
     cached, so several forwards inside one context see the same sample. ``antithetic``: the second half of the
     groups uses the negated noise of the first half (group ``g + ceil(n_groups / 2)`` mirrors group ``g``), so
-    the odd-order terms of a sample average cancel exactly.
+    the odd-order terms of a sample average cancel exactly. ``center``: the last group has no noise (the posterior
+    mean), and the others are drawn as above; a linearized predictive reads the mean and the pairs from one forward.
 
     The row-to-sample index is computed once per forward (not once per layer), and not at all when it is the
     identity (``groups=None`` and no ``rows``): each layer then uses its per-sample noise as it is, with no gather
@@ -47,6 +48,7 @@ class SamplingState:
     rows: torch.Tensor | None = None  # (R,) long: question of each row of the current forward
     cache: dict = field(default_factory=dict)
     antithetic: bool = False
+    center: bool = False
 
     def row_index(self, n_rows: int, device) -> torch.Tensor | None:
         """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,), on ``device``; ``None``
@@ -95,10 +97,13 @@ class SamplingState:
     def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         key = id(layer)
         if key not in self.cache:
-            n = (self.n_groups + 1) // 2 if self.antithetic else self.n_groups
+            g = self.n_groups - self.center
+            n = (g + 1) // 2 if self.antithetic else g
             eps = self.draw(torch.randn, (n, *shape), device)
             if self.antithetic:
-                eps = torch.cat([eps, -eps])[:self.n_groups]
+                eps = torch.cat([eps, -eps])[:g]
+            if self.center:
+                eps = torch.cat([eps, eps.new_zeros((1, *shape))])
             self.cache[key] = eps.to(dtype=dtype)
         return self.cache[key]
 
@@ -224,20 +229,22 @@ def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def sample_groups(model: nn.Module, groups: torch.Tensor | None, n_groups: int | None = None,
-                  generator: torch.Generator | None = None, antithetic: bool = False) -> Iterator[SamplingState]:
+                  generator: torch.Generator | None = None, antithetic: bool = False,
+                  center: bool = False) -> Iterator[SamplingState]:
     """Within the context, every stochastic layer of ``model`` samples one weight per group of questions.
 
     ``groups`` (B,) gives each question's sample group; ``None`` (with ``n_groups`` = B) draws one sample per
     question (training; or prediction on a batch repeated S times with :meth:`EncodedBatch.repeat`) without any
     index. ``antithetic``: mirrored noise pairs (see :class:`SamplingState`); with a batch repeated an even S
-    times, copy ``s + S / 2`` mirrors copy ``s``. Pass ``n_groups`` when ``groups`` is on an accelerator: otherwise
+    times, copy ``s + S / 2`` mirrors copy ``s``. ``center``: the last group is the posterior mean (see
+    :class:`SamplingState`). Pass ``n_groups`` when ``groups`` is on an accelerator: otherwise
     it is read back from the device (a synchronization).
     """
     if groups is None and n_groups is None:
         raise ValueError("sample_groups(groups=None) needs n_groups (the number of questions)")
     layers = stochastic_layers(model)
     state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
-                          generator=generator, antithetic=antithetic)
+                          generator=generator, antithetic=antithetic, center=center)
     for layer in layers:
         layer._sampling = state
     try:

@@ -9,6 +9,11 @@ One decoding step with ``S`` posterior samples (``S = 1``: deterministic):
 * the next-token distributions ``p_s`` (S, V) are averaged into the mean predictive ``p`` (V,);
 * the token is chosen from ``p`` (greedy at temperature 0, else sampled from ``p^(1/T)`` restricted to the
   ``top_p`` nucleus) and appended to every row;
+* the linearized predictive (TFB ``predictive=glm``) differs in two ways: its S samples are the posterior mean's
+  logits plus or minus central differences (:func:`linearized_logits`), and the token is chosen from the posterior
+  mean's own distribution, not from ``p``, so the text is the adapter's and the posterior only measures it (the
+  choice predictive likewise keeps the adapter's answers). Over a 49k-token vocabulary a wide posterior's mixture
+  is flat enough that choosing from ``p`` rewrote the text (docs/FINDINGS.md, finding 22);
 * per token: total = ``H[p]``, aleatoric = ``mean_s H[p_s]``, epistemic = total - aleatoric (mutual information).
 
 Sequence confidence (``Confidence.score``): the geometric mean of the emitted tokens' probabilities under the
@@ -60,6 +65,17 @@ def step_stats(logits: torch.Tensor) -> tuple[torch.Tensor, float, float, float]
     total = float(entropy(probs))
     aleatoric = float(entropy(sample_probs).mean())
     return probs, total, aleatoric, max(total - aleatoric, 0.0)
+
+
+def linearized_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The linearized predictive's S logit samples ``(S, V)`` from the logits of S mirrored weight samples and the
+    posterior mean, ``(S + 1, V)`` (rows ``i`` and ``i + S/2`` mirrored, the mean last): ``f(mean) +- d_i`` with
+    ``d_i = (f(mean + eps_i) - f(mean - eps_i)) / 2``, the central difference, which is ``J eps_i`` up to third-order
+    terms. Their mean is the posterior mean's logits: the even-order shift that weight samples add is dropped."""
+    center = logits[-1:].float()
+    half = (logits.shape[0] - 1) // 2
+    d = (logits[:half].float() - logits[half:2 * half].float()) / 2
+    return torch.cat([center + d, center - d])
 
 
 def choose_token(probs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -157,9 +173,12 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     (``antithetic``), ``sample_chunk`` rows per forward (each chunk keeps its own KV cache; the S rows still
     share one weight sample each), ``prompt=mean``: every prompt token but the last runs once at the
     posterior mean, its KV cache is copied to the S rows, and only the last prompt token and the generated ones
-    see the samples (one prompt pass instead of S); and the head predictive (BLoB ``predictive=head``): one row at
-    the posterior mean, S samples of the LM head's LoRA only (about the cost of a plain decode). A posterior with
-    finitely many samples (an ensemble's K members) decodes at most K rows.
+    see the samples (one prompt pass instead of S); the head predictive (BLoB ``predictive=head``): one row at
+    the posterior mean, S samples of the LM head's LoRA only (about the cost of a plain decode); and the linearized
+    predictive (TFB ``predictive=glm``): S/2 mirrored pairs and the posterior mean as S + 1 rows of one forward,
+    whose logits become the S samples ``f(mean) +- (f(mean + eps) - f(mean - eps)) / 2``
+    (:func:`linearized_logits`), the tokens chosen from the mean's distribution. A posterior with finitely many
+    samples (an ensemble's K members) decodes at most K rows.
 
     The caller may stop consuming at any time (stop strings); ``should_stop`` is polled before every step.
     """
@@ -167,27 +186,31 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     plan = method.config.sample_plan() if S > 1 else SamplePlan()
     S = plan.samples(S)
     if S > 1:
-        plan.check(S)
+        plan.check(S, generation=True)
+    linearized = plan.linearized and S > 1
+    rows = S + 1 if linearized else S  # linearized: the posterior mean is the last row
     device = next(model.parameters()).device
     ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # (1, T)
     if plan.head:
         streams = _HeadStream(model, *method.head_sampler(model, S, generator))
         sampling = streams.capturing()
     else:
-        streams = _Streams(model, S, min(plan.chunk or S, S), device)
+        streams = _Streams(model, rows, min(plan.chunk or rows, rows), device)
         if plan.mean_prompt and ids.shape[1] > 1:  # outside the sampling context: the posterior mean
             streams.start(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values,
                           ids.shape[1] - 1)
             ids = ids[:, -1:]
-        sampling = (method.sampling(model, groups=None, n_groups=S, generator=generator, antithetic=plan.antithetic)
+        sampling = (method.sampling(model, groups=None, n_groups=rows, generator=generator,
+                                    antithetic=plan.antithetic or linearized, center=linearized)
                     if S > 1 else contextlib.nullcontext())
     with sampling:
         logits = streams.forward(ids)
         for i in range(params.max_tokens):
             if should_stop():
                 return
-            probs, total, aleatoric, epistemic = step_stats(logits)
-            token = choose_token(probs, params.temperature, params.top_p, generator)
+            probs, total, aleatoric, epistemic = step_stats(linearized_logits(logits) if linearized else logits)
+            chosen_from = torch.softmax(logits[-1].float(), dim=-1) if linearized else probs  # the mean's, see above
+            token = choose_token(chosen_from, params.temperature, params.top_p, generator)
             logp = torch.log(probs.clamp_min(1e-45))
             top = []
             if params.top_logprobs:

@@ -232,7 +232,7 @@ class InferenceService:
         Generation with S = 1 is deterministic, so only S > 1 is checked there; a choice predictive samples S >= 1."""
         if n > (1 if generation else 0):
             try:
-                self.run.method.config.sample_plan().check(n)
+                self.run.method.config.sample_plan().check(n, generation=generation)
             except MethodError as exc:
                 raise InvalidRequest(str(exc), param="samples") from None
 
