@@ -238,7 +238,10 @@ def test_subsample_is_fixed_and_ordered():
     items = list(range(50))
     a, b = grid_mod.subsample(items, 10), grid_mod.subsample(items, 10)
     assert a == b == sorted(a) and len(a) == 10
-    assert grid_mod.subsample(items, None) is items
+    assert grid_mod.subsample(items, None) == items and grid_mod.subsample(items, 80) == items
+    from bayeslora.tasks import random_subset
+
+    assert random_subset(items, 10) == a  # `bayeslora eval --sample 10` evaluates the grid's subset
 
 
 def test_cell_keys_are_safe():

@@ -21,6 +21,26 @@ def test_train_then_eval(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"id", "probs", "label", "confidence", "epistemic", "aleatoric", "total"} <= rows[0].keys()
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["questions"] == "first 12"
+
+
+def test_eval_sample_takes_a_fixed_random_subset(tmp_path, capsys):
+    """--sample N: the same random N questions every time (in their order), not the split's first N."""
+    from bayeslora.tasks import load_task, random_subset
+
+    assert _train(tmp_path) == 0
+    ids = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--sample", "12", "--out", str(out)]) == 0
+        assert json.loads((out / "metrics.json").read_text())["questions"] == "random 12 (fixed draw)"
+        ids.append([json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()])
+    split = load_task("arith-ood", "validation")
+    assert ids[0] == ids[1] == [ex.id for ex in random_subset(split, 12)] != [ex.id for ex in split[:12]]
+    capsys.readouterr()
+    for extra, match in ((["--limit", "5", "--sample", "5"], "not both"), (["--sample", "0"], "--sample >= 1")):
+        assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", *extra]) == 2
+        assert match in capsys.readouterr().err
 
 
 def test_methods_lists_name_and_description(capsys):

@@ -106,7 +106,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval/DATASET-SPLIT)")
     p.add_argument("--samples", type=int, default=None, help="posterior samples (default: the method's)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (a split's first "
+                                                             "questions need not be typical of it: see --sample)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="evaluate a fixed random N questions, in their original order (the same N always gives "
+                        "the same questions: the calibration grids' subsets)")
     p.add_argument("--seed", type=int, default=0, help="seed of posterior sampling")
     p.add_argument("--model", default=None, help="override the run's base model spec")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -119,18 +123,28 @@ def _eval_parser(sub) -> None:
 def _cmd_eval(args) -> int:
     from .evaluate import collapse_note, evaluate_examples, write_evaluation
     from .runs import load_run, read_run_info
-    from .tasks import load_task
+    from .tasks import load_task, random_subset
 
     info = read_run_info(args.run_dir)
     dataset = args.dataset or info.get("dataset")
     if not dataset:
         raise ValueError(f"{args.run_dir} does not record its training dataset: pass --dataset")
+    if args.limit is not None and args.sample is not None:
+        raise ValueError("Pass one of --limit (the first N questions) and --sample (a fixed random N), not both")
+    for flag in ("limit", "sample"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"Expected --{flag} >= 1, but got {value}")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
+    examples = random_subset(examples, args.sample)
     # checked before the model loads: a training-time key or a bad value fails at once
     run = load_run(args.run_dir, model_spec=args.model, options=dict(_parse_option(o) for o in args.option))
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
                                      seed=args.seed, progress=True)
-    result.update(dataset=dataset, split=args.split, method=run.method.name, run_dir=str(args.run_dir))
+    subset = (f"random {args.sample} (fixed draw)" if args.sample is not None else
+              f"first {args.limit}" if args.limit is not None else "all")
+    result.update(dataset=dataset, split=args.split, questions=subset, method=run.method.name,
+                  run_dir=str(args.run_dir))
     name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
     write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")

@@ -451,11 +451,10 @@ def fit_epoch_seconds(timings: dict, run_dir: Path, batch_size: int) -> float | 
 # -- evaluation ---------------------------------------------------------------------------------------------------
 def subsample(examples: list, limit: int | None, seed: int = 0) -> list:
     """A fixed random subset of ``limit`` examples (in their original order); the same for every method and seed,
-    so that cells are compared on the same questions."""
-    if limit is None or len(examples) <= limit:
-        return examples
-    keep = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:limit]
-    return [examples[i] for i in sorted(keep.tolist())]
+    so that cells are compared on the same questions (``bayeslora eval --sample N`` draws the same one)."""
+    from ..tasks import random_subset
+
+    return random_subset(examples, limit, torch.Generator().manual_seed(seed))
 
 
 def eval_sets(config: GridConfig, dataset: str) -> dict[str, list]:

@@ -41,10 +41,11 @@ import torch
 
 from ..peft_ext import lora_layers
 from ..predictive import Predictive
+from ..tasks import random_subset as subsample
 from .base import MethodConfig, MethodError
 from .linearized import (Link, capture_io, forward_passes, glm_predictive, grad_only, lora_jacobians, meanfield_probs,
                          probit_probs, recorded_calls)
-from .posthoc_base import PosthocMethod, batches, subsample
+from .posthoc_base import PosthocMethod, batches
 from .registry import register_method
 
 

@@ -25,14 +25,6 @@ class PosthocMethod(BayesianMethod):
         return None
 
 
-def subsample(examples: list, n: int | None, generator: torch.Generator | None) -> list:
-    """``n`` examples drawn without replacement with ``generator`` (all of them, in order, when n >= len)."""
-    if n is None or n >= len(examples):
-        return list(examples)
-    idx = torch.randperm(len(examples), generator=generator)[:n].sort().values
-    return [examples[i] for i in idx.tolist()]
-
-
 @contextlib.contextmanager
 def in_float32(model: torch.nn.Module):
     """Run the block with ``model``'s half-precision (bfloat16 / float16) parameters and buffers in float32, then

@@ -83,10 +83,11 @@ import torch
 
 from ..peft_ext import GaussianLoraA, head_lora, lora_layers, replace_lora_A, stochastic_layers
 from ..predictive import Predictive
+from ..tasks import random_subset as subsample
 from .base import MethodError, SampledConfig, SamplePlan
 from .head import gaussian_head, head_logits, head_noise
 from .linearized import Link, glm_predictive, lora_jacobians, meanfield_probs
-from .posthoc_base import PosthocMethod, batches, in_float32, subsample
+from .posthoc_base import PosthocMethod, batches, in_float32
 from .registry import register_method
 
 SEARCHES = ("secant", "bisect")

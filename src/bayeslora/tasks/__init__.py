@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ai2 import load_ai2_file
-from .base import DatasetError, MCExample
+from .base import DatasetError, MCExample, random_subset
 from .boolq import load_boolq
 from .builtin import generate
 from .hub import load_hub
@@ -109,4 +109,4 @@ def load_task(name: str, split: str = "train", data_dir: str | Path | None = Non
     return examples
 
 
-__all__ = ["TASKS", "DatasetError", "MCExample", "TaskSpec", "load_task", "register_task"]
+__all__ = ["TASKS", "DatasetError", "MCExample", "TaskSpec", "load_task", "random_subset", "register_task"]

@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -50,6 +52,18 @@ class MCExample:
     @property
     def n_choices(self) -> int:
         return len(self.choices)
+
+
+def random_subset(examples: list, n: int | None, generator: torch.Generator | None = None) -> list:
+    """``n`` examples drawn without replacement with ``generator`` (default: seed 0), kept in their original order;
+    all of them when ``n`` is None or at least their number. A split's *first* questions are not a sample of it
+    (ARC-E's first 64 validation questions are far harder than the split: docs/FINDINGS.md, finding 21)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    keep = torch.randperm(len(examples), generator=generator)[:n].sort().values
+    return [examples[i] for i in keep.tolist()]
 
 
 def letter_prompt(question: str, choices: list[str] | tuple[str, ...], preamble: str = "") -> str:
