@@ -292,3 +292,26 @@ def test_an_ensemble_decodes_each_member_once():
                                  samples=5)
     assert service.chat_completion(chat).choices[0].confidence.n_samples == 3
     assert service.models().data[0].n_samples == 3  # its default: the 3 members
+
+
+def test_a_posterior_without_weight_samples_decodes_the_adapter(tiny_stochastic_run, planned):
+    """Laplace's plan (no weight samples, ``decodes=False``): generation decodes one row, the adapter's, whatever S,
+    and says n_samples 0; a method default above the server's --max-samples is capped (Laplace's is 50 logit
+    samples), an explicit request above it refused."""
+    assert not build_method("laplace").config.sample_plan().decodes
+    run = planned(tiny_stochastic_run, decodes=False)
+    log, hook = _forward_rows(run)
+    try:
+        steps = _decode(run, [5, 6, 7, 8], S=4)
+    finally:
+        hook.remove()
+    assert {rows for rows, _ in log} == {1}
+    plain = _decode(tiny_stochastic_run, [5, 6, 7, 8], S=1)
+    assert [s.token_id for s in steps] == [s.token_id for s in plain] and all(s.epistemic == 0 for s in steps)
+    service = InferenceService(run, ServeSettings(max_samples=2))  # the run's default: 4 samples
+    assert service.models().data[0].n_samples == 2
+    chat = ChatCompletionRequest(model=service.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert service.chat_completion(chat).choices[0].confidence.n_samples == 0
+    assert service.choose(ChoicesRequest(question="q", choices=["a", "b"])).n_samples == 2
+    with pytest.raises(InvalidRequest, match="max-samples"):
+        service.chat_completion(chat.model_copy(update={"samples": 4}))

@@ -77,6 +77,9 @@ class SamplePlan:
     # generation decodes the linearized predictive: the posterior mean plus the central differences of S/2 mirrored
     # pairs (S even), read from one batched forward of S + 1 rows (see bayeslora.serve.generation.decode)
     linearized: bool = False
+    # False: the S samples are logit samples of the choice predictive (Laplace's linearized predictive) and there is
+    # no weight sample to decode: generation is the adapter's own decode, with no epistemic part
+    decodes: bool = True
 
     def samples(self, n_samples: int) -> int:
         """The samples actually drawn for ``n_samples`` requested: at most ``max_samples``, so that no member of a

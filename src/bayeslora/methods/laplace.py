@@ -42,7 +42,7 @@ import torch
 from ..peft_ext import lora_layers
 from ..predictive import Predictive
 from ..tasks import random_subset as subsample
-from .base import MethodConfig, MethodError
+from .base import MethodConfig, MethodError, SamplePlan
 from .linearized import (Link, capture_io, forward_passes, glm_predictive, grad_only, lora_jacobians, meanfield_probs,
                          probit_probs, recorded_calls)
 from .posthoc_base import PosthocMethod, batches
@@ -113,6 +113,10 @@ class LaplaceConfig(MethodConfig):
                                                               "to (default: the number of fit-split examples)"})
     n_val: int = field(default=64, metadata={"help": "validation questions for prior=val_nll"})
     max_rank: int = field(default=256, metadata={"help": "eigenpairs kept per Kronecker factor"})
+
+    def sample_plan(self) -> SamplePlan:
+        # the posterior is read through the choice logits' Jacobians: generation decodes the adapter alone
+        return SamplePlan(decodes=False)
 
     def __post_init__(self):
         super().__post_init__()

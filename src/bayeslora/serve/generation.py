@@ -178,12 +178,15 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     predictive (TFB ``predictive=glm``): S/2 mirrored pairs and the posterior mean as S + 1 rows of one forward,
     whose logits become the S samples ``f(mean) +- (f(mean + eps) - f(mean - eps)) / 2``
     (:func:`linearized_logits`), the tokens chosen from the mean's distribution. A posterior with finitely many
-    samples (an ensemble's K members) decodes at most K rows.
+    samples (an ensemble's K members) decodes at most K rows; one without weight samples (Laplace:
+    ``SamplePlan.decodes`` false) decodes the adapter alone.
 
     The caller may stop consuming at any time (stop strings); ``should_stop`` is polled before every step.
     """
     S = max(1, params.n_samples)
     plan = method.config.sample_plan() if S > 1 else SamplePlan()
+    if not plan.decodes:  # no weight samples to decode (Laplace): the adapter's own decode
+        S, plan = 1, SamplePlan()
     S = plan.samples(S)
     if S > 1:
         plan.check(S, generation=True)

@@ -220,8 +220,8 @@ class InferenceService:
 
     def _samples(self, requested: int | None, param: str | None = "samples") -> int:
         n = requested if requested is not None else self.settings.samples
-        if n is None:
-            n = self.run.method.resolve_samples(None)
+        if n is None:  # the method's own default, within the server's limit (Laplace's is 50 logit samples)
+            n = min(self.run.method.resolve_samples(None), self.settings.max_samples)
         if n > self.settings.max_samples:
             raise InvalidRequest(f"Expected `samples` <= {self.settings.max_samples} (the server's --max-samples), "
                                  f"but got {n}", param=param)
@@ -251,6 +251,8 @@ class InferenceService:
             if getattr(req, name):
                 raise InvalidRequest(f"`{name}` is not supported by this server (only 0)", param=name)
         n_samples = self._samples(req.samples)
+        if not self.run.method.config.sample_plan().decodes:
+            n_samples = 1  # no weight samples to decode: the confidence says n_samples 0
         self._check_plan(n_samples, generation=True)
         return DecodeParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, n_samples=n_samples,
