@@ -118,22 +118,21 @@ def _decode(run, prompt, S, seed=0, max_tokens=5):
     return list(decode(run.model, run.method, prompt, params, torch.Generator().manual_seed(seed)))
 
 
-def _forward_rows(run):
-    """Records (rows, tokens) of every forward of ``run.model``; returns (log, hook handle)."""
+def _decode_logged(run, prompt, S):
+    """``_decode`` and the (rows, tokens) shape of every forward of ``run.model`` it made."""
     log = []
     hook = run.model.get_base_model().model.register_forward_pre_hook(
         lambda mod, args, kwargs: log.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
-    return log, hook
+    try:
+        return _decode(run, prompt, S=S), log
+    finally:
+        hook.remove()
 
 
 def test_chunked_decode_equals_one_batch(tiny_stochastic_run, planned):
     whole = _decode(planned(tiny_stochastic_run), [5, 6, 7, 8], S=8)
     run = planned(tiny_stochastic_run, chunk=3)
-    log, hook = _forward_rows(run)
-    try:
-        chunked = _decode(run, [5, 6, 7, 8], S=8)
-    finally:
-        hook.remove()
+    chunked, log = _decode_logged(run, [5, 6, 7, 8], S=8)
     assert log[:3] == [(3, 4), (3, 4), (2, 4)] and log[3:6] == [(3, 1), (3, 1), (2, 1)]  # 3 + 3 + 2 rows per step
     assert [s.token_id for s in chunked] == [s.token_id for s in whole]
     for a, b in zip(chunked, whole, strict=True):  # row s keeps sample s across chunks and steps
@@ -143,11 +142,7 @@ def test_chunked_decode_equals_one_batch(tiny_stochastic_run, planned):
 
 def test_mean_prompt_runs_the_prompt_once_at_the_mean(tiny_stochastic_run, planned):
     run = planned(tiny_stochastic_run, mean_prompt=True)
-    log, hook = _forward_rows(run)
-    try:
-        steps = _decode(run, [5, 6, 7, 8], S=4)
-    finally:
-        hook.remove()
+    steps, log = _decode_logged(run, [5, 6, 7, 8], S=4)
     # the prompt but its last token: once, one row; then S rows of one token (the last prompt token first)
     assert log == [(1, 3)] + [(4, 1)] * 5
     assert all(s.epistemic > 0 for s in steps)  # the last prompt token and the generated ones are sampled
@@ -198,11 +193,7 @@ def test_linearized_decode_keeps_the_mean_tokens_and_chunks_alike(tiny_stochasti
         return sampling(*args, **kwargs)
 
     monkeypatch.setattr(run.method, "sampling", spy)
-    log, hook = _forward_rows(run)
-    try:
-        steps = _decode(run, [5, 6, 7, 8], S=4)
-    finally:
-        hook.remove()
+    steps, log = _decode_logged(run, [5, 6, 7, 8], S=4)
     assert states[0]["n_groups"] == 5 and states[0]["antithetic"] and states[0]["center"]
     assert {rows for rows, _ in log} == {5} and len(log) == 5  # one forward of S + 1 rows per step
     plain = _decode(tiny_stochastic_run, [5, 6, 7, 8], S=1)
@@ -300,11 +291,7 @@ def test_a_posterior_without_weight_samples_decodes_the_adapter(tiny_stochastic_
     samples), an explicit request above it refused."""
     assert not build_method("laplace").config.sample_plan().decodes
     run = planned(tiny_stochastic_run, decodes=False)
-    log, hook = _forward_rows(run)
-    try:
-        steps = _decode(run, [5, 6, 7, 8], S=4)
-    finally:
-        hook.remove()
+    steps, log = _decode_logged(run, [5, 6, 7, 8], S=4)
     assert {rows for rows, _ in log} == {1}
     plain = _decode(tiny_stochastic_run, [5, 6, 7, 8], S=1)
     assert [s.token_id for s in steps] == [s.token_id for s in plain] and all(s.epistemic == 0 for s in steps)
