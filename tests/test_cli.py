@@ -33,7 +33,7 @@ def test_eval_sample_takes_a_fixed_random_subset(tmp_path, capsys):
     for name in ("a", "b"):
         out = tmp_path / name
         assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--sample", "12", "--out", str(out)]) == 0
-        assert json.loads((out / "metrics.json").read_text())["questions"] == "random 12 (fixed draw)"
+        assert json.loads((out / "metrics.json").read_text())["questions"] == "random 12 of 1200 (fixed draw)"
         ids.append([json.loads(line)["id"] for line in (out / "predictions.jsonl").read_text().splitlines()])
     split = load_task("arith-ood", "validation")
     assert ids[0] == ids[1] == [ex.id for ex in random_subset(split, 12)] != [ex.id for ex in split[:12]]

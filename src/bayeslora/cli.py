@@ -136,13 +136,14 @@ def _cmd_eval(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"Expected --{flag} >= 1, but got {value}")
     examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
+    available = len(examples)
     examples = random_subset(examples, args.sample)
     # checked before the model loads: a training-time key or a bad value fails at once
     run = load_run(args.run_dir, model_spec=args.model, options=dict(_parse_option(o) for o in args.option))
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
                                      seed=args.seed, progress=True)
-    subset = (f"random {args.sample} (fixed draw)" if args.sample is not None else
-              f"first {args.limit}" if args.limit is not None else "all")
+    subset = (f"random {len(examples)} of {available} (fixed draw)" if args.sample is not None else
+              f"first {len(examples)}" if args.limit is not None else "all")
     result.update(dataset=dataset, split=args.split, questions=subset, method=run.method.name,
                   run_dir=str(args.run_dir))
     name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
