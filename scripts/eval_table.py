@@ -48,6 +48,18 @@ def table(rows: list[tuple[str, list[dict]]]) -> list[str]:
     return lines
 
 
+def fragment(title: str, intro: str, body: list[str], commands: list[str]) -> list[str]:
+    """A docs/results fragment: title, intro, body, the commands that made it, hardware and versions."""
+    env = environment()
+    lines = [f"# {title}", ""]
+    if intro:
+        lines += [intro, ""]
+    return lines + [*body, "", "Commands:", "", "```", *commands, "```", "",
+                    f"Hardware: {env['cpu']}, {env['cores']} cores visible; GPU: {env['gpu']}.",
+                    f"Versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+                    f"peft {env['peft']}.", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", nargs=2, required=True, metavar=("LABEL", "DIRS"),
@@ -59,18 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [read_row(label, dirs) for label, dirs in args.row]
     first = rows[0][1][0]
-    env = environment()
-    lines = [f"# {args.title}", ""]
-    if args.intro:
-        lines += [args.intro, ""]
-    lines += [f"`{first['dataset']}` {first['split']}, {first['n']} questions per folder; mean ± sample std over the "
-              "folders (seeds) of each row.", "", *table(rows), "", "Commands:", "", "```", *args.command,
-              "python scripts/eval_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                  else sys.argv[1:])),
-              "```", "",
-              f"Hardware: {env['cpu']}, {env['cores']} cores visible; GPU: {env['gpu']}.",
-              f"Versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-              f"peft {env['peft']}.", ""]
+    body = [f"`{first['dataset']}` {first['split']}, {first['n']} questions per folder; mean ± sample std over the "
+            "folders (seeds) of each row.", "", *table(rows)]
+    this = "python scripts/eval_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                             else sys.argv[1:]))
+    lines = fragment(args.title, args.intro, body, [*args.command, this])
     atomic_write_text(Path(args.md), "\n".join(lines))
     print(f"wrote {args.md}")
     return 0

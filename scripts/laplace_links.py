@@ -27,7 +27,7 @@ from bayeslora import metrics
 from bayeslora.bench.grid import RUNS_DIR, Cell, eval_sets
 from bayeslora.bench.variants import load_grid
 from bayeslora.io_utils import atomic_write_text
-from bayeslora.methods.laplace import meanfield_probs, probit_probs, sample_logit_gaussian
+from bayeslora.methods.linearized import meanfield_probs, probit_probs, sample_logit_gaussian
 from bayeslora.runs import load_run
 
 FACTORS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)

@@ -153,3 +153,47 @@ def test_eval_table_reads_eval_folders(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         table.main(["--row", "a", str(tmp_path / "missing"), "--title", "T", "--md", str(tmp_path / "bad.md")])
     assert not (tmp_path / "bad.md").exists()
+
+
+def test_every_script_imports(monkeypatch):
+    """The research scripts keep up with the package (an import that moved is an error here, not in a long run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        _script(path.stem)
+
+
+def _sweep_file(path, probs, labels, grid):
+    from safetensors.torch import save_file
+
+    save_file({"grid": grid, "probs": probs, "adapter": probs[-1].clone(), "labels": labels}, str(path),
+              metadata={"run": f"runs/{path.stem}"})
+
+
+def test_laplace_prior_rules_pick_and_report(tmp_path, monkeypatch):
+    """scripts/laplace_prior_rules.py: argmin takes the lowest mean validation NLL, 1se the strongest prior within
+    one standard error of it; the report scores each pick on the test sweep."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    rules = _script("laplace_prior_rules")
+    nll = torch.tensor([[3.0, 3.0, 3.0, 3.0], [1.0, 1.2, 0.8, 1.0], [1.3, 1.2, 0.6, 1.3], [2.0, 1.8, 2.2, 2.0]])
+    assert rules.pick(nll, "argmin") == 1  # mean 1.0
+    assert rules.pick(nll, "1se") == 2  # mean 1.1: 0.1 above, under the paired difference's standard error (0.12)
+    nll[2] = torch.tensor([1.1, 1.3, 0.9, 1.1])  # the same mean, but a constant difference: no error to hide in
+    assert rules.pick(nll, "1se") == 1
+    grid = torch.logspace(-1, 2, 4, dtype=torch.float64)
+    # sweeps of 4 identical questions (label 0): the strongest prior (100) gives the label 0.9, the best NLL
+    conf = torch.tensor([0.3, 0.7, 0.6, 0.9])
+    probs = torch.stack([torch.stack([torch.tensor([c, 1 - c])] * 4) for c in conf]).float()
+    labels = torch.zeros(4, dtype=torch.long)
+    val = tmp_path / "val.safetensors"
+    test = tmp_path / "test.safetensors"
+    _sweep_file(val, probs, labels, grid)
+    _sweep_file(test, probs, labels, grid)
+    out = tmp_path / "frag.md"
+    rules.main(["report", "--pair", str(val), str(test), "--k", "2", "--draws", "5", "--title", "T",
+                "--command", "sweep X", "--md", str(out)])
+    text = out.read_text()
+    assert "# T" in text and "sweep X" in text and "| test | argmin, all 4 | 100 | 100.0 | 10.0 | 0% |" in text
+    with pytest.raises(SystemExit, match="fewer than --k"):
+        rules.main(["report", "--pair", str(val), str(test), "--k", "9"])
