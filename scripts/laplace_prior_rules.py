@@ -33,12 +33,12 @@ from safetensors.torch import load_file, save_file
 
 from bayeslora import metrics
 from bayeslora.io_utils import atomic_write_text
-from bayeslora.methods.laplace import VAL_GRID_MAX
+from bayeslora.methods.laplace import val_nll_grid
 from bayeslora.methods.linearized import meanfield_probs
 from bayeslora.runs import load_run
 from bayeslora.tasks import load_task, random_subset
 
-GRID = torch.logspace(-6, math.log10(VAL_GRID_MAX), 57, dtype=torch.float64)  # the val_nll grid of laplace.py
+GRID = val_nll_grid()
 
 
 def sweep(args) -> None:
@@ -76,7 +76,7 @@ def pick(nll: torch.Tensor, rule: str) -> int:
     return int(ok.max())
 
 
-def test_scores(test: dict) -> list[dict]:
+def scores_by_prior(test: dict) -> list[dict]:
     return [{k: v for k, v in metrics.summary(p, test["labels"]).items() if k in ("acc", "ece", "nll")}
             for p in test["probs"]]
 
@@ -89,7 +89,7 @@ def report(args, argv: list[str]) -> None:
         grid = test["grid"]
         if not torch.equal(grid, val["grid"]) or len(val["labels"]) < args.k:
             raise SystemExit(f"{val_path}: another prior grid, or fewer than --k {args.k} questions")
-        scores = test_scores(test)
+        scores = scores_by_prior(test)
         vnll = per_question_nll(val["probs"], val["labels"])
         adapter = {k: v for k, v in metrics.summary(test["adapter"], test["labels"]).items() if k in ("acc", "ece",
                                                                                                      "nll")}

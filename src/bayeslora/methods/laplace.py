@@ -72,6 +72,11 @@ class PriorFit(str, Enum):
 VAL_GRID_MAX = 1e8
 
 
+def val_nll_grid() -> torch.Tensor:
+    """The prior precisions that ``prior=val_nll`` tries: 1e-6 .. ``VAL_GRID_MAX``, four per decade."""
+    return torch.logspace(-6, math.log10(VAL_GRID_MAX), 57, dtype=torch.float64)
+
+
 def _is_a(key: str) -> bool:
     return key.endswith("lora_A")
 
@@ -291,7 +296,7 @@ class Laplace(PosthocMethod):
         return self.prior_precision_a if self.prior_precision_a is not None and _is_a(key) else delta
 
     def _tune_val_nll(self, model, scorer, validation, batch_size) -> tuple[float, float]:
-        grid = torch.logspace(-6, math.log10(VAL_GRID_MAX), 57, dtype=torch.float64)
+        grid = val_nll_grid()
         nll = torch.zeros(len(grid), dtype=torch.float64)
         n_choices = max(ex.n_choices for ex in validation)
         device = next(model.parameters()).device
