@@ -7,6 +7,7 @@ grid (the expensive part is the Jacobians, not the prior)::
 
     python scripts/laplace_prior_rules.py sweep RUN --split validation --sample 200 --out V.safetensors
     python scripts/laplace_prior_rules.py sweep RUN --split test --limit 500 --out T.safetensors
+    python scripts/laplace_prior_rules.py sweep RUN1 RUN2 --split test --limit 500 --out T1.safetensors T2.safetensors
     python scripts/laplace_prior_rules.py report --pair V1 T1 --pair V2 T2 --k 64 --plot FIG.png \
         --title TITLE --command "the sweep commands" --md docs/results/FRAGMENT.md
 
@@ -28,13 +29,12 @@ from pathlib import Path
 
 import torch
 from eval_table import fragment
-from laplace_links import features
 from safetensors.torch import load_file, save_file
 
 from bayeslora import metrics
 from bayeslora.io_utils import atomic_write_text
 from bayeslora.methods.laplace import val_nll_grid
-from bayeslora.methods.linearized import meanfield_probs
+from bayeslora.methods.linearized import lora_jacobians, meanfield_probs
 from bayeslora.runs import load_run
 from bayeslora.tasks import load_task, random_subset
 
@@ -42,21 +42,40 @@ GRID = val_nll_grid()
 
 
 def sweep(args) -> None:
-    run = load_run(args.run)
-    if run.info.get("method") != "laplace":
-        raise SystemExit(f"{args.run} is a {run.info.get('method')!r} run, not a Laplace one")
-    examples = load_task(run.info["dataset"], args.split, args.data_dir, limit=args.limit)
+    if len(args.out) != len(args.run):
+        raise SystemExit(f"{len(args.run)} run(s) but {len(args.out)} --out file(s): give one per run")
+    runs = [load_run(path) for path in args.run]
+    for path, run in zip(args.run, runs, strict=True):
+        if run.info.get("method") != "laplace":
+            raise SystemExit(f"{path} is a {run.info.get('method')!r} run, not a Laplace one")
+    first = runs[0]
+    for path, run in zip(args.run[1:], runs[1:], strict=True):
+        mods, ref = run.method.jacobian_modules(), first.method.jacobian_modules()
+        if mods.keys() != ref.keys() or any(not torch.equal(mods[k].weight, ref[k].weight) for k in ref):
+            raise SystemExit(f"{path} is a Laplace fit of another adapter than {args.run[0]}: the runs of one "
+                             "sweep share their Jacobians, so they must differ in the fit alone")
+    examples = load_task(first.info["dataset"], args.split, args.data_dir, limit=args.limit)
     examples = random_subset(examples, args.sample)
-    feats = features(run, examples, args.batch_size)
-    probs = torch.stack([torch.cat([meanfield_probs(m, run.method._logit_cov(f, g, float(delta)))
-                                    for m, f, g in feats]) for delta in GRID])
-    out = {"grid": GRID, "probs": probs.float(), "adapter": torch.cat([m for m, _, _ in feats]).softmax(-1),
-           "labels": torch.tensor([ex.label for ex in examples])}
-    tmp = Path(str(args.out) + ".tmp")
-    save_file(out, str(tmp), metadata={"run": str(args.run), "split": args.split,
-                                       "fitted_prior_precision": str(run.method.prior_precision)})
-    tmp.replace(args.out)
-    print(f"wrote {args.out}: {len(examples)} questions x {len(GRID)} priors")
+    device = next(first.model.parameters()).device
+    n_choices = max(ex.n_choices for ex in examples)
+    means, probs = [], [[] for _ in runs]  # probs: per run, per batch (G, B, C)
+    for start in range(0, len(examples), args.batch_size):
+        enc = first.scorer.encode(examples[start:start + args.batch_size], n_choices=n_choices).to(device)
+        mean, jacobians = lora_jacobians(first.model, first.scorer, enc, first.method.jacobian_modules())
+        means.append(mean)
+        for run, out in zip(runs, probs, strict=True):
+            feats, gram = run.method.project_jacobians(jacobians)
+            out.append(torch.stack([meanfield_probs(mean, run.method._logit_cov(feats, gram, float(delta)))
+                                    for delta in GRID]))
+    adapter = torch.cat(means).softmax(-1)
+    labels = torch.tensor([ex.label for ex in examples])
+    for path, run, out_path, run_probs in zip(args.run, runs, args.out, probs, strict=True):
+        tmp = Path(str(out_path) + ".tmp")
+        save_file({"grid": GRID, "probs": torch.cat(run_probs, 1).float(), "adapter": adapter, "labels": labels},
+                  str(tmp), metadata={"run": str(path), "split": args.split,
+                                      "fitted_prior_precision": str(run.method.prior_precision)})
+        tmp.replace(out_path)
+        print(f"wrote {out_path}: {len(examples)} questions x {len(GRID)} priors")
 
 
 def per_question_nll(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -184,13 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep")
-    s.add_argument("run", type=Path)
+    s.add_argument("run", type=Path, nargs="+", help="Laplace runs of one adapter (fits differing in their options "
+                                                    "share one pass of Jacobians)")
     s.add_argument("--split", default="test")
     s.add_argument("--limit", type=int, default=None)
     s.add_argument("--sample", type=int, default=None, help="a fixed random subset (eval --sample's draw)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--data-dir", default=None)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--out", type=Path, nargs="+", required=True, help="one sweep file per run")
     r = sub.add_parser("report")
     r.add_argument("--pair", nargs=2, action="append", required=True, metavar=("VAL", "TEST"))
     r.add_argument("--k", type=int, default=64)

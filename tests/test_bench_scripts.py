@@ -197,3 +197,35 @@ def test_laplace_prior_rules_pick_and_report(tmp_path, monkeypatch):
     assert "# T" in text and "sweep X" in text and "| test | argmin, all 4 | 100 | 100.0 | 10.0 | 0% |" in text
     with pytest.raises(SystemExit, match="fewer than --k"):
         rules.main(["report", "--pair", str(val), str(test), "--k", "9"])
+
+
+def test_laplace_prior_rules_sweep_shares_jacobians(tmp_path, monkeypatch):
+    """One sweep of two Laplace fits of one adapter gives each fit the sweep it gets alone; a fit of another
+    adapter is refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bayeslora.posthoc import bayesianize
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    rules = _script("laplace_prior_rules")
+    runs = []
+    for seed in (0, 1):
+        config = TrainConfig(model="tiny-random-llama", dataset="arith", max_steps=2, batch_size=4, train_limit=8,
+                             save_every=0, seed=seed)
+        runs.append(train(config, tmp_path / f"mle{seed}", progress=False))
+    fits = [bayesianize(runs[0], "laplace", tmp_path / f"lap{n}", options={"n_fit": n, "prior_precision": 1.0},
+                        limit=8, seed=n) for n in (3, 8)]
+    other = bayesianize(runs[1], "laplace", tmp_path / "other", options={"prior_precision": 1.0}, limit=8)
+    common = ["--split", "validation", "--limit", "6", "--batch-size", "4"]
+    rules.main(["sweep", *map(str, fits), *common, "--out", str(tmp_path / "a.st"), str(tmp_path / "b.st")])
+    rules.main(["sweep", str(fits[1]), *common, "--out", str(tmp_path / "b-alone.st")])
+    a, b, alone = (load_file(str(tmp_path / n)) for n in ("a.st", "b.st", "b-alone.st"))
+    assert a["probs"].shape == (len(rules.GRID), 6, 4)
+    torch.testing.assert_close(b["probs"], alone["probs"])
+    assert torch.equal(a["adapter"], b["adapter"]) and not torch.allclose(a["probs"], b["probs"])
+    with pytest.raises(SystemExit, match="another adapter"):
+        rules.main(["sweep", str(fits[0]), str(other), *common, "--out", str(tmp_path / "x"), str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="one per run"):
+        rules.main(["sweep", str(fits[0]), str(fits[1]), *common, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

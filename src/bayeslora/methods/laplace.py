@@ -356,15 +356,24 @@ class Laplace(PosthocMethod):
     def _jacobian_features(self, model, scorer, enc):
         """Choice logits ``(B, C)``, and per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``
         and the Gram ``(B, C, C)`` of the full Jacobian (for the prior part of the covariance)."""
-        logits, jacobians = lora_jacobians(model, scorer, enc, {k: f.module for k, f in self.factors.items()})
-        B, C = logits.shape
+        logits, jacobians = lora_jacobians(model, scorer, enc, self.jacobian_modules())
+        return (logits, *self.project_jacobians(jacobians))
+
+    def jacobian_modules(self) -> dict[str, torch.nn.Module]:
+        """The covered LoRA factors, by key: what :func:`lora_jacobians` differentiates through."""
+        return {k: f.module for k, f in self.factors.items()}
+
+    def project_jacobians(self, jacobians: dict[str, torch.Tensor]):
+        """Per covered matrix, the Jacobian ``(C, B, o, i)`` in this fit's KFAC eigenbasis ``(B, C, k_g * k_a)`` and
+        the Gram ``(B, C, C)`` of the full Jacobian; fits of one adapter share the Jacobians, not the eigenbasis."""
+        C, B = next(iter(jacobians.values())).shape[:2]
         feats, gram = {}, {}
         for k, J in jacobians.items():  # J (C, B, o, i)
             f = self.factors[k]
             feats[k] = torch.einsum("og,cboi,ia->bcga", f.qg, J, f.qa).reshape(B, C, -1)
             Jf = J.transpose(0, 1).reshape(B, C, -1).double()  # (B, C, P_k)
             gram[k] = Jf @ Jf.transpose(1, 2)
-        return logits, feats, gram
+        return feats, gram
 
     def _logit_cov(self, feats: dict[str, torch.Tensor], gram: dict[str, torch.Tensor], delta: float) -> torch.Tensor:
         """``J Sigma J^T`` ``(B, C, C)``, per matrix ``Sigma = Q diag(1/(eig + delta)) Q^T + (I - Q Q^T) / delta``
