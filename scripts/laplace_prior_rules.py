@@ -95,6 +95,14 @@ def pick(nll: torch.Tensor, rule: str) -> int:
     return int(ok.max())
 
 
+def _draw(n: int, k: int, replace: bool, gen: torch.Generator) -> torch.Tensor:
+    """``k`` of ``n`` question indices: with replacement (a bootstrap draw, whose spread is that of ``k`` fresh
+    questions from the pool's distribution), or without (the spread shrinks by ``(n - k) / (n - 1)`` in variance)."""
+    if replace:
+        return torch.randint(n, (k,), generator=gen)
+    return torch.randperm(n, generator=gen)[:k]
+
+
 def scores_by_prior(test: dict) -> list[dict]:
     return [{k: v for k, v in metrics.summary(p, test["labels"]).items() if k in ("acc", "ece", "nll")}
             for p in test["probs"]]
@@ -106,8 +114,8 @@ def report(args, argv: list[str]) -> None:
         gen = torch.Generator().manual_seed(0)
         val, test = load_file(val_path), load_file(test_path)
         grid = test["grid"]
-        if not torch.equal(grid, val["grid"]) or len(val["labels"]) < args.k:
-            raise SystemExit(f"{val_path}: another prior grid, or fewer than --k {args.k} questions")
+        if not torch.equal(grid, val["grid"]) or len(val["labels"]) < max(args.k):
+            raise SystemExit(f"{val_path}: another prior grid, or fewer than --k {max(args.k)} questions")
         scores = scores_by_prior(test)
         vnll = per_question_nll(val["probs"], val["labels"])
         adapter = {k: v for k, v in metrics.summary(test["adapter"], test["labels"]).items() if k in ("acc", "ece",
@@ -115,8 +123,9 @@ def report(args, argv: list[str]) -> None:
         picks = {"input adapter": [None]}
         for rule in ("argmin", "1se"):
             picks[f"{rule}, all {vnll.shape[1]}"] = [pick(vnll, rule)]
-            picks[f"{rule}, {args.k} random"] = [pick(vnll[:, torch.randperm(vnll.shape[1], generator=gen)[:args.k]],
-                                                      rule) for _ in range(args.draws)]
+            for k in args.k:
+                picks[f"{rule}, {k} random"] = [pick(vnll[:, _draw(vnll.shape[1], k, args.replace, gen)], rule)
+                                                for _ in range(args.draws)]
         picks["oracle: test NLL"] = [min(range(len(grid)), key=lambda g: scores[g]["nll"])]
         picks["oracle: test ECE"] = [min(range(len(grid)), key=lambda g: scores[g]["ece"])]
         name = Path(safe_open_metadata(test_path).get("run", test_path)).name
@@ -139,8 +148,12 @@ def report(args, argv: list[str]) -> None:
         _plot(curves, args.plot)
     if args.md:
         this = "python scripts/laplace_prior_rules.py " + " ".join(shlex.quote(a) for a in argv)
+        how = ("with replacement (bootstrap draws: their spread is that of fresh questions from the same pool)"
+               if args.replace else "without replacement, so the spread over draws understates that of fresh "
+               "questions, the more so the larger the draw")
         body = [f"{len(test['labels'])} test and {vnll.shape[1]} validation questions per run; {args.draws} random "
-                f"draws of {args.k} validation questions per rule (generator seed 0)."
+                f"draws of {' / '.join(map(str, args.k))} validation questions per rule (generator seed 0; drawn "
+                f"from the {vnll.shape[1]} {how})."
                 + _figure_text(args.plot), "", *lines]
         atomic_write_text(args.md, "\n".join(fragment(args.title, args.intro, body, [*args.command, this])))
         print(f"wrote {args.md}")
@@ -213,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", type=Path, nargs="+", required=True, help="one sweep file per run")
     r = sub.add_parser("report")
     r.add_argument("--pair", nargs=2, action="append", required=True, metavar=("VAL", "TEST"))
-    r.add_argument("--k", type=int, default=64)
+    r.add_argument("--k", type=int, nargs="+", default=[64], help="validation questions per draw (one or more sizes)")
     r.add_argument("--draws", type=int, default=1000)
+    r.add_argument("--replace", action="store_true", help="draw with replacement (bootstrap)")
     r.add_argument("--md", type=Path, default=None)
     r.add_argument("--plot", type=Path, default=None)
     r.add_argument("--title", default="Laplace prior precision tuned on random validation questions")

@@ -191,10 +191,11 @@ def test_laplace_prior_rules_pick_and_report(tmp_path, monkeypatch):
     _sweep_file(val, probs, labels, grid)
     _sweep_file(test, probs, labels, grid)
     out = tmp_path / "frag.md"
-    rules.main(["report", "--pair", str(val), str(test), "--k", "2", "--draws", "5", "--title", "T",
+    rules.main(["report", "--pair", str(val), str(test), "--k", "2", "3", "--draws", "5", "--title", "T",
                 "--command", "sweep X", "--md", str(out)])
     text = out.read_text()
     assert "# T" in text and "sweep X" in text and "| test | argmin, all 4 | 100 | 100.0 | 10.0 | 0% |" in text
+    assert "| test | argmin, 2 random |" in text and "| test | 1se, 3 random |" in text
     with pytest.raises(SystemExit, match="fewer than --k"):
         rules.main(["report", "--pair", str(val), str(test), "--k", "9"])
 

@@ -108,15 +108,18 @@ class LaplaceConfig(MethodConfig):
     link: str = field(default="meanfield", metadata={"help": "meanfield | mc | probit: the link approximation (the "
                                                              "prior is tuned with probit for probit, else meanfield)"})
     fisher: str = field(default="mc", metadata={"help": "mc (sampled labels) | empirical (true labels)"})
-    # 200 fit and 64 validation questions (were 500 and 200): the fit is a curvature pass (about one training step
-    # per question) plus the Jacobians of the validation questions (one backward per choice, about four steps per
-    # question), so with 500 / 200 it took 0.52-0.60x an MLE epoch over ARC-E's 2251 questions, against #4's goal of
-    # 0.25x (docs/FINDINGS.md, finding 19, measures both sizes on one adapter). The small presets always fitted on
-    # 64 / 64 questions (their fit_limit), so their tables hold under either default.
-    n_fit: int = field(default=200, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
+    # 100 fit and 128 validation questions (were 500 / 200, then 200 / 64): the fit is a curvature pass (about one
+    # training step per question) plus the Jacobians of the validation questions (one backward per choice, about
+    # three steps per question), so the budget of #4 (0.25x an MLE epoch over ARC-E's 2251 questions) buys about
+    # 100 + 128. The prior is where the questions pay: on the cpu-fewshot adapters, bootstrap draws of 128 instead
+    # of 64 validation questions raised ECE above the adapter's in 3-25% of draws instead of 9-33% (mean ECE 6.3
+    # against 6.8, MLE 8.0), while curvature on 64, 100 or 200 questions gave the same validation NLL curve on a
+    # full-data adapter (docs/FINDINGS.md, findings 24-25). Small presets fit on their fit_limit training questions.
+    n_fit: int = field(default=100, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
     n_data: int | None = field(default=None, metadata={"help": "N, the training-set size the curvature is scaled "
                                                               "to (default: the number of fit-split examples)"})
-    n_val: int = field(default=64, metadata={"help": "validation questions for prior=val_nll"})
+    n_val: int = field(default=128, metadata={"help": "validation questions for prior=val_nll (drawn at random from "
+                                                       "the split)"})
     max_rank: int = field(default=256, metadata={"help": "eigenpairs kept per Kronecker factor"})
 
     def sample_plan(self) -> SamplePlan:
