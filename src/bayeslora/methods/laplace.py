@@ -113,7 +113,7 @@ class LaplaceConfig(MethodConfig):
     # three steps per question), so the budget of #4 (0.25x an MLE epoch over ARC-E's 2251 questions) buys about
     # 100 + 128. The prior is where the questions pay: on the cpu-fewshot adapters, bootstrap draws of 128 instead
     # of 64 validation questions raised ECE above the adapter's in 3-25% of draws instead of 9-33% (mean ECE 6.3
-    # against 6.8, MLE 8.0), while curvature on 64, 100 or 200 questions gave the same validation NLL curve on a
+    # against 6.8, MLE 8.0), while curvature on 64, 100 or 200 questions gave the same prior and test NLL on a
     # full-data adapter (docs/FINDINGS.md, findings 24-25). Small presets fit on their fit_limit training questions.
     n_fit: int = field(default=100, metadata={"help": "questions used to estimate the curvature (scaled to N)"})
     n_data: int | None = field(default=None, metadata={"help": "N, the training-set size the curvature is scaled "
