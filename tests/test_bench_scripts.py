@@ -198,6 +198,13 @@ def test_laplace_prior_rules_pick_and_report(tmp_path, monkeypatch):
     assert "| test | argmin, 2 random |" in text and "| test | 1se, 3 random |" in text
     with pytest.raises(SystemExit, match="fewer than --k"):
         rules.main(["report", "--pair", str(val), str(test), "--k", "9"])
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(rules._draw(4, 4, False, gen).tolist()) == [0, 1, 2, 3]  # without replacement: a permutation
+    boot = torch.stack([rules._draw(4, 4, True, gen) for _ in range(50)])
+    assert boot.min() >= 0 and boot.max() <= 3 and any(len(set(row.tolist())) < 4 for row in boot)  # repeats
+    rules.main(["report", "--pair", str(val), str(test), "--k", "2", "--replace", "--draws", "5", "--title", "T",
+                "--md", str(out)])
+    assert "with replacement" in out.read_text()
 
 
 def test_laplace_prior_rules_sweep_shares_jacobians(tmp_path, monkeypatch):
