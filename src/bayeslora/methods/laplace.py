@@ -242,7 +242,7 @@ class Laplace(PosthocMethod):
 
     # -- fit ------------------------------------------------------------------------------------------------
     def _curvature_stats(self, model, scorer, examples, batch_size, generator) -> dict[str, tuple[list, list]]:
-        modules = {k: f.module for k, f in self.factors.items()}
+        modules = self.jacobian_modules()
         stats = {k: ([], []) for k in modules}
         n_choices = max(ex.n_choices for ex in examples)
         device = next(model.parameters()).device
@@ -363,7 +363,7 @@ class Laplace(PosthocMethod):
         return (logits, *self.project_jacobians(jacobians))
 
     def jacobian_modules(self) -> dict[str, torch.nn.Module]:
-        """The covered LoRA factors, by key: what :func:`lora_jacobians` differentiates through."""
+        """The covered LoRA factors, by key: what the curvature and :func:`lora_jacobians` differentiate through."""
         return {k: f.module for k, f in self.factors.items()}
 
     def project_jacobians(self, jacobians: dict[str, torch.Tensor]):
