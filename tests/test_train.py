@@ -161,3 +161,22 @@ def test_auto_format_follows_the_model_size_not_its_spec(tmp_path):
     assert config.format == "auto"
     info = json.loads((train(config, tmp_path / "run", progress=False) / "run.json").read_text())
     assert info["format"] == "cloze" and info["train"]["format"] == "cloze"
+
+
+def test_dtype_is_trained_in_and_kept_by_eval_and_bayesianize(tmp_path):
+    from bayeslora.config import ConfigError
+    from bayeslora.posthoc import bayesianize
+
+    with pytest.raises(ConfigError, match="dtype"):
+        TrainConfig(**TINY, max_steps=1, dtype="float8")
+    run_dir = train(TrainConfig(**TINY, max_steps=1, dtype="bfloat16"), tmp_path / "run", progress=False)
+    assert json.loads((run_dir / "run.json").read_text())["dtype"] == "bfloat16"
+    assert next(load_run(run_dir).model.parameters()).dtype == torch.bfloat16
+    out = bayesianize(run_dir, "temperature", out=tmp_path / "temp", limit=8)
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    assert next(load_run(out).model.parameters()).dtype == torch.bfloat16
+    # runs written before the option (no dtype in run.json) load in the device's default
+    info = json.loads((run_dir / "run.json").read_text())
+    del info["dtype"]
+    (run_dir / "run.json").write_text(json.dumps(info))
+    assert next(load_run(run_dir).model.parameters()).dtype == torch.float32

@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, after scripts/gpu/env.sh and the model re-assembly (docs/RESULTS.md, "GPU runs"): the
-# gpu-arc-e calibration grid, one grid folder per seed, the three run side by side (SmolLM2 is launch-bound on a
-# GPU, so three processes share it well). Methods run in the order below, the post-hoc ones right after MLE, and
-# each seed stops after LIMIT seconds: a rerun resumes (finished cells are skipped, an interrupted training resumes
-# from its checkpoint). The folders' small files come back in $OUT/gpu-grid.tgz; merge the seeds' cells/ into one
-# folder and run `bayeslora bench report` on it.
-limit=${1:-500}
+# On the lent GPU machine, after scripts/gpu/env.sh and the model re-assembly (scripts/gpu/README.md): the gpu-arc-e
+# calibration grid, one grid folder per seed, the three side by side (SmolLM2 is launch-bound on a GPU, so three
+# processes share it well). Methods run in the order below, the post-hoc ones right after MLE.
+#   grid.sh start        starts the three seeds in a new process session, so they run on between `run` calls for as
+#                        long as the machine is held (a rerun resumes: finished cells are skipped, an interrupted
+#                        training resumes from its checkpoint);
+#   grid.sh wait LIMIT   waits until the seeds finish or LIMIT seconds pass, then packs the folders' small files
+#                        into $OUT/gpu-grid.tgz (merge the seeds' cells/ into one folder here and run
+#                        `bayeslora bench report` on it).
+set -u
 mkdir -p /root/runs
-for s in 1 2 3; do
-  OMP_NUM_THREADS=5 timeout "$limit" bash -c "for m in mle,blob,temperature,laplace,tfb mle,mcd,ens,map; do
-    python3 -m bayeslora.cli bench calibration --preset gpu-arc-e --model '$SMOLLM2' --seeds $s --methods \$m \
-      --out /root/runs/gpu-s$s; done" >>"/root/runs/log-s$s.txt" 2>&1 &
-done
-wait
-tail -n 6 /root/runs/log-s*.txt; ls /root/runs/gpu-s*/cells/ | grep json
-cd /root/runs && find . -type f -size -2000k -print0 | tar czf "$OUT/gpu-grid.tgz" --null -T - && ls -la "$OUT"
+case "${1:-}" in
+start)
+  # the checkout is laid anew by every `run` call: the seeds read code and data from copies outside it
+  rm -rf /root/code /root/data && cp -r src /root/code && cp -r "$BAYESLORA_DATA" /root/data
+  export PYTHONPATH=/tmp/site:/root/code BAYESLORA_DATA=/root/data
+  for s in 1 2 3; do
+    OMP_NUM_THREADS=5 setsid nohup bash -c "for m in mle,blob,temperature,laplace,tfb mle,mcd,ens,map; do
+      python3 -m bayeslora.cli bench calibration --preset gpu-arc-e --model '$SMOLLM2' --seeds $s --methods \$m \
+        --out /root/runs/gpu-s$s; done; touch /root/runs/done-s$s" >>"/root/runs/log-s$s.txt" 2>&1 < /dev/null &
+  done
+  sleep 2; echo "grid started" ;;
+wait)
+  limit=${2:-500}; t0=$SECONDS
+  while [ $((SECONDS - t0)) -lt "$limit" ] && ! ls /root/runs/done-s1 /root/runs/done-s2 /root/runs/done-s3 \
+      >/dev/null 2>&1; do sleep 5; done
+  tail -n 4 /root/runs/log-s*.txt; ls /root/runs/gpu-s*/cells/ 2>/dev/null | grep json; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+  cd /root/runs && find . -type f -size -2000k -print0 | tar czf "$OUT/gpu-grid.tgz" --null -T - && ls -la "$OUT" ;;
+*) echo "usage: grid.sh start | wait LIMIT" >&2; exit 2 ;;
+esac

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .methods.base import AdapterConfig
-from .models import DEFAULT_MODEL, TINY_MODEL, resolve_spec
+from .models import DEFAULT_MODEL, DTYPES, TINY_MODEL, resolve_spec
 from .scoring import ChoiceFormat
 
 # Small models answer much better in the cloze format than by letter (SmolLM2-135M zero-shot on ARC-E: ~46% vs
@@ -42,6 +42,8 @@ class TrainConfig:
     method: str = field(default="mle", metadata={"help": "registered method (bayeslora methods)"})
     method_options: dict = field(default_factory=dict, metadata={"help": "options of the method's config"})
     format: str = field(default="auto", metadata={"help": "letter | cloze | auto (cloze for small models)"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: auto (bfloat16 on CUDA, float32 on CPU), "
+                                                          "float32, bfloat16 or float16"})
     data_dir: str | None = field(default=None, metadata={"help": "benchmark data folder ($BAYESLORA_DATA)"})
     source: str = field(default="local", metadata={"help": "local files or the Hugging Face hub"})
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -65,6 +67,8 @@ class TrainConfig:
             self.adapter = AdapterConfig(**self.adapter)
         if self.format != "auto":  # auto is resolved by the training loop, which has the model
             self.format = resolve_format(self.format, self.model)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"Expected `dtype` in {sorted(DTYPES)}, but got {self.dtype!r}")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_length": self.max_length}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:

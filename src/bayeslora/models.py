@@ -61,6 +61,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# ``--dtype`` names: ``auto`` is :func:`default_dtype` of the device the model lands on.
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a ``--dtype`` name stands for (``None`` for ``auto``: the device's default)."""
+    name = name or "auto"
+    if name not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BAYESLORA_CACHE", Path.home() / ".cache" / "bayeslora"))
 

@@ -23,7 +23,7 @@ from .io_utils import atomic_dir
 from .methods import build_method
 from .methods.posthoc_base import PosthocMethod
 from .methods.base import ADAPTER_DIR, POSTERIOR_FILE
-from .models import load_model
+from .models import load_model, parse_dtype
 from .runs import RUN_FILE, read_run_info, write_run_info
 from .scoring import make_scorer
 from .tasks import load_task
@@ -48,6 +48,7 @@ class AdapterSource:
     kind: str  # "run" (a bayeslora run directory) or "peft" (a plain PEFT adapter directory)
     method: str | None  # the source run's method, None for a plain adapter
     adapter: dict  # r, alpha, dropout, target_modules
+    dtype: str = "auto"  # the source run's model dtype (a plain adapter: the device's default)
 
 
 def _read_json(path: Path) -> dict:
@@ -105,7 +106,7 @@ def resolve_source(source: str | Path, model: str | None = None) -> AdapterSourc
         summary = _adapter_summary(adapter_dir)
         return AdapterSource(adapter_dir=adapter_dir, model=model or info["model"], format=info["format"],
                              max_length=int(info.get("max_length", 256)), dataset=info.get("dataset"), kind="run",
-                             method=info["method"], adapter=summary)
+                             method=info["method"], adapter=summary, dtype=info.get("dtype", "auto"))
     summary = _adapter_summary(source)
     spec = model or summary.get("base_model")
     if not spec:
@@ -170,7 +171,7 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     if not dataset:
         raise PosthocError("No fit dataset: pass --dataset (a plain PEFT adapter does not say what it was trained on)")
     split, examples = _fit_examples(meth, dataset, split, data_dir, limit)
-    loaded = load_model(src.model)
+    loaded = load_model(src.model, dtype=parse_dtype(src.dtype))
     peft_model = load_adapter(loaded.model, src.adapter_dir)
     peft_model.eval()
     fmt = resolve_format(src.format, src.model, loaded.model)
@@ -185,7 +186,7 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     t0 = time.perf_counter()
     fitted = meth.fit(peft_model, scorer, examples, batch_size=batch_size, generator=generator, **extra)
     fit_time = time.perf_counter() - t0
-    info = {"model": loaded.spec, "format": fmt, "max_length": src.max_length, "method": meth.name,
+    info = {"model": loaded.spec, "format": fmt, "dtype": src.dtype, "max_length": src.max_length, "method": meth.name,
             "method_config": meth.config.to_dict(), "adapter": {k: v for k, v in src.adapter.items()
                                                                 if k != "base_model"},
             "dataset": dataset, "n_choices": max(ex.n_choices for ex in examples), "status": "done",

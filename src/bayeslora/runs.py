@@ -21,7 +21,7 @@ import torch
 
 from .methods import BayesianMethod, MethodError, build_method, get_method_class
 from .methods.base import write_json
-from .models import load_model
+from .models import load_model, parse_dtype
 from .predictive import Predictive
 from .scoring import ChoiceScorer, make_scorer
 from .tasks.base import MCExample, qa_example
@@ -94,7 +94,8 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, mode
     if options:
         saved = get_method_class(info["method"]).config_cls.with_prediction_options(saved, options).to_dict()
     method = build_method(info["method"], saved)
-    loaded = load_model(model_spec or info["model"], device=device)
+    # the dtype the run was trained or fitted in (older runs: the device's default)
+    loaded = load_model(model_spec or info["model"], device=device, dtype=parse_dtype(info.get("dtype")))
     model = method.load(loaded.model, run_dir)
     model.eval()
     scorer = make_scorer(info["format"], loaded.tokenizer, max_length=int(info.get("max_length", 256)))

@@ -22,7 +22,7 @@ from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples
 from .io_utils import atomic_dir, atomic_write_text
 from .methods import BayesianMethod, build_method
-from .models import load_model
+from .models import load_model, parse_dtype
 from .runs import Run, write_run_info
 from .scoring import make_scorer
 from .tasks import load_task
@@ -142,7 +142,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         raise TrainingError(f"The micro-batch ({config.batch_size // config.grad_accum}) must split evenly over "
                             f"{world} processes")
     torch.manual_seed(config.seed)  # PEFT initializes LoRA with the global RNG: same init on every process
-    loaded = load_model(config.model, device=accelerator.device)
+    loaded = load_model(config.model, device=accelerator.device, dtype=parse_dtype(config.dtype))
     model = method.prepare(loaded.model, config.adapter)
     config.format = resolve_format(config.format, config.model, loaded.model)
     scorer = make_scorer(config.format, loaded.tokenizer, config.max_length)
@@ -152,7 +152,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     scheduler = linear_schedule(optimizer, round(config.warmup_ratio * total), total)
     generator = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + rank)
 
-    info = {"model": loaded.spec, "format": config.format, "max_length": config.max_length,
+    info = {"model": loaded.spec, "format": config.format, "dtype": config.dtype, "max_length": config.max_length,
             "method": method.name, "method_config": method.config.to_dict(), "adapter": config.to_dict()["adapter"],
             "dataset": config.dataset, "n_train": len(train_set), "n_choices": n_choices, "steps": total,
             "train": config.to_dict()}

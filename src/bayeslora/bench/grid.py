@@ -67,6 +67,7 @@ class Preset:
     method_options: dict = field(default_factory=dict)  # per-method options {method: {key: value}}, applied last
     datasets: tuple[str, ...] = DATASETS
     seeds: tuple[int, ...] = (1, 2, 3)
+    dtype: str = "auto"  # model dtype of every cell (auto: bfloat16 on CUDA, float32 on CPU)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -106,13 +107,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            method_options={"laplace": {"n_samples": 50}}),
     # One GPU lease (30 min on an H100, shared with the speed benchmarks): all of ARC-E's 2251 training questions,
     # 400 steps of 16 (2.8 epochs; on a GPU a SmolLM2 step costs the same at batch 8 and 128), lr 3e-4, the full
-    # validation (570) and test (2376) sets, each method's own defaults (10 posterior samples; Laplace on 200
-    # questions with its prior tuned on 64 validation questions; TFB's sigma on 64 validation questions).
+    # validation (570) and test (2376) sets, each method's own defaults (10 posterior samples; Laplace's curvature on
+    # 100 training questions and its prior on 128 validation questions; TFB's sigma on validation questions). In
+    # float32: SmolLM2 is launch-bound on a GPU, so bfloat16 saves no time there, and in bfloat16 the first lease's
+    # letter-format grid went NaN and TFB's search found sigma = 0 (docs/FINDINGS.md, "On a GPU").
     Preset("gpu-arc-e", "One-GPU protocol for SmolLM2-135M: ARC-E, all 2251 training questions, 400 steps of 16 at "
            "lr 3e-4 (2.8 epochs), full validation and test sets, each method's default posterior samples and fit "
-           "sizes, seeds 1-3", max_steps=400, batch_size=16, lr=3e-4, warmup_ratio=0.06, max_length=256,
+           "sizes, float32, seeds 1-3", max_steps=400, batch_size=16, lr=3e-4, warmup_ratio=0.06, max_length=256,
            train_limit=None, eval_limit=None, fit_limit=None, eval_batch_size=16, datasets=("arc-e",),
-           seeds=(1, 2, 3)),
+           seeds=(1, 2, 3), dtype="float32"),
     # The BLoB paper's protocol (reference scripts scripts/*/...-llama-all.sh): 5000 steps of batch 4, lr 1e-4,
     # warmup 6%, 300 tokens, LoRA r 8 / alpha 16 on q, v and the LM head, seeds 1-3, full evaluation sets.
     Preset("full", "The papers' protocol for a GPU: 5000 steps of 4 questions, lr 1e-4, full evaluation sets, "
@@ -253,6 +256,7 @@ def _check_protocol(out: Path, config: GridConfig) -> None:
         protocol = saved.get("protocol")
         if isinstance(protocol, dict) and isinstance(protocol.get("preset"), dict):
             protocol["preset"]["description"] = None  # folders written before the wording left the protocol
+            protocol["preset"].setdefault("dtype", "auto")  # folders written before presets named a dtype
         if protocol != config.protocol():
             raise GridError(f"{out} holds a grid with another preset or model ({saved.get('protocol', {})}); "
                             f"choose another --out")
@@ -403,7 +407,7 @@ def ensure_trained(config: GridConfig, cell: Cell, timings: dict, prefix: str = 
                                    method_options=method_options(config, cell.method), data_dir=config.data_dir,
                                    lr=p.lr, batch_size=p.batch_size, max_steps=p.max_steps,
                                    warmup_ratio=p.warmup_ratio, max_length=p.max_length, train_limit=p.train_limit,
-                                   save_every=max(50, p.max_steps // 10), seed=cell.seed)
+                                   save_every=max(50, p.max_steps // 10), seed=cell.seed, dtype=p.dtype)
         train(train_config, run_dir, resume=run_dir.exists(), progress=False)
     info = json.loads((run_dir / "run.json").read_text())
     timings[f"{prefix}train_time_s"] = info.get("train_time_s")
