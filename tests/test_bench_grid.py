@@ -208,6 +208,36 @@ def test_subprocess_hard_crash_is_recorded(grid, monkeypatch):
     assert "dying" in (grid["out"] / "cells" / "mle__arith__s7.log").read_text()
 
 
+def test_a_terminated_grid_stops_its_running_cell(tmp_path):
+    """SIGTERM to a grid waiting on a cell's process ends that process too (an orphaned cell kept the GPU's memory)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; from bayeslora.bench import grid as g; g.CELL_COMMAND = [sys.executable, '-c', {child!r}]; "
+              f"g._run_child([*g.CELL_COMMAND, 'request', 'result'])")
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the cell's process outlived its grid")
+
+
 def test_make_config_errors(tmp_path):
     with pytest.raises(GridError, match="Unknown preset"):
         make_config(str(tmp_path), "huge")

@@ -5,6 +5,7 @@
 #   grid.sh start        starts the three seeds in a new process session, so they run on between `run` calls for as
 #                        long as the machine is held (a rerun resumes: finished cells are skipped, an interrupted
 #                        training resumes from its checkpoint);
+#   grid.sh stop         stops the seeds (their loops, then the grids; a stopped grid stops its running cell);
 #   grid.sh wait LIMIT   waits until the seeds finish or LIMIT seconds pass, then packs the folders' small files
 #                        into $OUT/gpu-grid.tgz (merge the seeds' cells/ into one folder here and run
 #                        `bayeslora bench report` on it).
@@ -27,5 +28,9 @@ wait)
       >/dev/null 2>&1; do sleep 5; done
   tail -n 4 /root/runs/log-s*.txt; ls /root/runs/gpu-s*/cells/ 2>/dev/null | grep json; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   cd /root/runs && find . -type f -size -2000k -print0 | tar czf "$OUT/gpu-grid.tgz" --null -T - && ls -la "$OUT" ;;
-*) echo "usage: grid.sh start | wait LIMIT" >&2; exit 2 ;;
+stop)
+  # patterns in brackets, so that they never match a shell whose own command line holds them
+  pkill -f "[f]or m in mle"; pkill -f "[b]ayeslora.cli bench calibration"; sleep 5
+  pgrep -af "[b]ayeslora.bench.grid" || echo "grid stopped" ;;
+*) echo "usage: grid.sh start | stop | wait LIMIT" >&2; exit 2 ;;
 esac

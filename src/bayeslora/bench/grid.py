@@ -19,8 +19,10 @@ import json
 import math
 import re
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -335,7 +337,7 @@ def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
     result_path = out / CELLS_DIR / f"{cell.key}.child.json"
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([*CELL_COMMAND, str(request), str(result_path)], capture_output=True, text=True)
+    proc = _run_child([*CELL_COMMAND, str(request), str(result_path)])
     request.unlink(missing_ok=True)
     if proc.returncode == 0 and result_path.is_file():
         row = json.loads(result_path.read_text())
@@ -345,6 +347,26 @@ def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
     return {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed, "status": "error",
             "error": f"the cell's process exited with code {proc.returncode} (output in {cell.key}.log)",
             "wall_time_s": round(time.perf_counter() - t0, 3)}
+
+
+def _run_child(command: list[str]) -> subprocess.CompletedProcess:
+    """Run a cell's process; a grid stopped by a signal (SIGTERM, SIGINT) stops its cell too. Without this a killed
+    grid left its running cell behind: on the GPU lease of session 18 the orphaned ensemble cells kept the GPU's
+    memory and the next cells failed on it."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def config_from_dict(values: dict) -> GridConfig:
