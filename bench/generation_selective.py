@@ -58,6 +58,7 @@ ROWS = {
     "anti2": Row("antithetic S=2", 2, {"predictive": "antithetic"}),
     "mean10": Row("MC S=10, prompt=mean", 10, {"predictive": "mc", "prompt": "mean"}),
     "head10": Row("head S=10", 10, {"predictive": "head"}),
+    "glm4": Row("linearized S=4", 4, {"predictive": "glm"}),  # TFB's default: the adapter's text, linearized samples
 }
 
 
