@@ -5,14 +5,17 @@ ratio). One process, one model load per method, the batch of ``bayeslora bench s
 
 Prints the median step time of MLE and of the method over ``--steps`` steps (after one warm-up), their ratio,
 the aten operators dispatched in one profiled step, and its top operators (self CPU time, call counts; on CUDA
-also by device time).
+also by device time, the runtime calls that wait or copy, and the lines that called a synchronizing operation in
+one step under ``torch.cuda.set_sync_debug_mode``).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -22,10 +25,11 @@ from bayeslora.models import load_model
 from bayeslora.scoring import make_scorer
 
 
-def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: int, rows: int) -> float:
+def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: int, rows: int,
+            fmt: str = "cloze") -> float:
     torch.manual_seed(0)
     loaded = load_model(config.model)
-    scorer = make_scorer("cloze", loaded.tokenizer, max_length=256)
+    scorer = make_scorer(fmt, loaded.tokenizer, max_length=256)
     device = next(loaded.model.parameters()).device
     enc = _batch(config, "train", scorer.tokenizer, scorer).to(device)
     method = build_method(method_name)
@@ -58,6 +62,23 @@ def profile(method_name: str, targets: list[str], config: SpeedConfig, steps: in
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
     if device.type == "cuda":
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows))
+        # what makes the host wait for the GPU: runtime calls that synchronize or copy, and (sync debug mode) the
+        # Python lines of the step that called a synchronizing operation
+        waits = [e for e in prof.key_averages() if any(w in e.key for w in ("Synchronize", "Memcpy", "cudaFree",
+                                                                              "cudaMalloc", "cudaHostAlloc"))]
+        print("runtime calls that wait or copy: " + (", ".join(f"{e.key} x{e.count} ({e.cpu_time_total / 1e3:.1f} "
+                                                              "ms)" for e in waits) or "none"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        lines = collections.Counter(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught)
+        print("synchronizing operations in one step: " + ("none" if not lines else ""))
+        for line, n in lines.most_common():
+            print(f"  {n} x {line}")
     return statistics.median(times)
 
 
@@ -70,12 +91,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rows", type=int, default=15, help="operators listed per profile")
+    parser.add_argument("--format", default="cloze", choices=["cloze", "letter"])
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     config = SpeedConfig(model=args.model, dataset=args.dataset, batch_size=args.batch_size, data_dir=args.data_dir)
     targets = [t for t in args.targets.split(",") if t]
-    base = profile("mle", targets, config, args.steps, args.rows)
-    other = profile(args.method, targets, config, args.steps, args.rows)
+    base = profile("mle", targets, config, args.steps, args.rows, args.format)
+    other = profile(args.method, targets, config, args.steps, args.rows, args.format)
     print(f"\n{args.method} / mle step time on the same targets ({', '.join(targets)}): {other / base:.2f}x")
 
 

@@ -114,3 +114,28 @@ def test_peak_memory_growth_is_measured_from_the_reset():
     more = torch.ones(64 * 2**20 // 4)  # 64 MiB inside it
     assert 48 < _peak_growth_mib(start) < 96
     del big, more
+
+
+def test_train_rows_take_ratios_round_by_round():
+    from bayeslora.bench.speed import train_rows
+
+    def run(method, step, peak):
+        return {"method": method, "step_s": step, "peak_mib": peak, "trainable_params": 1}
+
+    # round 2 ran slower for both methods: its ratio is read within the round
+    rows = train_rows({"mle": [run("mle", 1.0, 100), run("mle", 2.0, 100), run("mle", 1.0, 100)],
+                       "blob": [run("blob", 1.1, 110), run("blob", 2.4, 110), run("blob", 1.3, 110)]})
+    mle, blob = rows
+    assert mle["x_step"] == 1.0 and mle["step_s"] == 1.0 and mle["step_s_rounds"] == [1.0, 2.0, 1.0]
+    assert blob["x_step"] == 1.2 and blob["x_step_range"][0] == 1.1 and blob["x_step_range"][1] == 1.3
+    assert blob["step_s"] == 1.3 and blob["x_peak"] == 1.1
+
+
+def test_bench_speed_rounds(tmp_path):
+    md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "mle,map",
+                 "--parts", "train", "--steps", "1", "--rounds", "2", "--md", str(md), "--json", str(raw)]) == 0
+    rows = json.loads(raw.read_text())["train"]
+    assert [len(r["step_s_rounds"]) for r in rows] == [2, 2] and rows[0]["x_step"] == 1.0
+    assert "2 rounds, each one subprocess per method in turn" in md.read_text()
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--rounds", "0"]) == 2

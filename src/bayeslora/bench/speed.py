@@ -52,6 +52,8 @@ class SpeedConfig:
     methods: list[str] = field(default_factory=lambda: ["mle", "map", "mcd", "ens", "blob"])
     batch_size: int = field(default=8, metadata={"help": "questions per batch (training and prediction)"})
     steps: int = field(default=3, metadata={"help": "timed training steps per method (after one warm-up)"})
+    rounds: int = field(default=1, metadata={"help": "training part: subprocesses per method, the methods taking "
+                                                     "turns; each method's ratio to MLE is read round by round"})
     repeats: int = field(default=2, metadata={"help": "timed predictive runs per setting (after one warm-up)"})
     samples: list[int] = field(default_factory=lambda: [1, 4, 10])
     parts: list[str] = field(default_factory=lambda: list(DEFAULT_PARTS))
@@ -63,7 +65,7 @@ class SpeedConfig:
                                                                  "(a usable adapter; default: discarded)"})
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "repeats", "fit_questions"):
+        for name in ("batch_size", "steps", "rounds", "repeats", "fit_questions"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {getattr(self, name)!r}")
         if not self.samples or any(s < 1 for s in self.samples):
@@ -361,15 +363,13 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
             done = [k for k in PARTS if k in saved]
             log(f"[speed] reusing the finished parts in {partial}: {done}")
     if "train" in config.parts and "train" not in result:
-        rows = []
-        for method in config.methods:
-            log(f"[speed] training step: {method}")
-            rows.append(_subprocess("--train-step", config, method))
-        ref = next((r for r in rows if r["method"] == "mle"), rows[0])
-        for row in rows:
-            row["x_step"] = row["step_s"] / ref["step_s"]
-            row["x_peak"] = row["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
-        result["train"] = rows
+        runs: dict[str, list[dict]] = {m: [] for m in config.methods}
+        for r in range(config.rounds):  # methods take turns, so drift over time hits them alike
+            for method in config.methods:
+                log(f"[speed] training step: {method}" + (f" (round {r + 1}/{config.rounds})" if config.rounds > 1
+                                                          else ""))
+                runs[method].append(_subprocess("--train-step", config, method))
+        result["train"] = train_rows(runs)
         _save_partial(partial, result)
     if "predictive" in config.parts and "predictive" not in result:
         log("[speed] predictive")
@@ -390,6 +390,26 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
         result["posthoc"] = measure_posthoc(config, log)
         _save_partial(partial, result)
     return result
+
+
+def train_rows(runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per method from its rounds (``runs[method][r]``: one subprocess's measurement): the median step and
+    peak over rounds, and the ratios to MLE (without an MLE row: to the first method) taken within each round, then their
+    median, min and max; a ratio of medians over separate processes would carry each process's own offset."""
+    ref = "mle" if "mle" in runs else next(iter(runs))
+    rows = []
+    for measured in runs.values():
+        row = dict(measured[0])
+        row["step_s"] = statistics.median(m["step_s"] for m in measured)
+        row["peak_mib"] = statistics.median(m["peak_mib"] for m in measured)
+        ratios = [m["step_s"] / r["step_s"] for m, r in zip(measured, runs[ref], strict=True)]
+        row["x_step"] = statistics.median(ratios)
+        row["step_s_rounds"] = [m["step_s"] for m in measured]
+        row["x_step_range"] = [min(ratios), max(ratios)]
+        peak_ref = statistics.median(m["peak_mib"] for m in runs[ref])
+        row["x_peak"] = row["peak_mib"] / peak_ref if peak_ref > 0 else float("nan")
+        rows.append(row)
+    return rows
 
 
 def _save_partial(path: Path | None, result: dict) -> None:
@@ -420,13 +440,20 @@ def _missing(part: str) -> str:
 
 def _train_lines(result: dict) -> list[str]:
     c = result["config"]
+    rounds = c.get("rounds", 1)
+    how = ("one subprocess per method" if rounds == 1 else
+           f"{rounds} rounds, each one subprocess per method in turn; step: median over rounds; x MLE: median of the "
+           "rounds' ratios, with their range")
     lines = [f"Training step (median of {c['steps']} after 1 warm-up; peak memory: growth of the process's peak "
-             "RSS over the steps on CPU, `max_memory_allocated` on CUDA; one subprocess per method):", "",
+             f"RSS over the steps on CPU, `max_memory_allocated` on CUDA; {how}):", "",
              "| method | step s | x MLE | peak MiB | x MLE | trainable params |", "|---|---|---|---|---|---|"]
     if "train" not in result:
         return [*lines[:-2], _missing("training"), ""]
     for r in result["train"]:
-        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['x_step']:.2f} | {r['peak_mib']:.0f} | "
+        ratio = f"{r['x_step']:.2f}"
+        if rounds > 1 and "x_step_range" in r:
+            ratio += f" ({r['x_step_range'][0]:.2f}-{r['x_step_range'][1]:.2f})"
+        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {ratio} | {r['peak_mib']:.0f} | "
                      f"{r['x_peak']:.2f} | {r['trainable_params']:,} |")
     return [*lines, ""]
 
