@@ -173,8 +173,13 @@ def test_other_protocol_in_same_folder_is_refused(grid):
     assert same.protocol() == grid["config"].protocol()
     saved = json.loads((grid["out"] / "grid.json").read_text())  # a folder written when the wording was in it
     saved["protocol"]["preset"]["description"] = "old words"
+    del saved["protocol"]["preset"]["dtype"]  # and before presets named a dtype (theirs was the device's default)
     (grid["out"] / "grid.json").write_text(json.dumps(saved))
     run_grid(same, log=lambda m: None)
+    in_float32 = make_config(str(grid["out"]), dataclasses.replace(TINY, dtype="float32"), methods=["mle"],
+                             model="tiny-random-llama", ood_train="arith", ood_tasks=["arith-ood"])
+    with pytest.raises(GridError, match="another preset or model"):
+        run_grid(in_float32)
 
 
 def test_report_files(grid):
@@ -217,8 +222,8 @@ def test_a_terminated_grid_stops_its_running_cell(tmp_path):
 
     pid_file = tmp_path / "child.pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    parent = (f"import sys; from bayeslora.bench import grid as g; g.CELL_COMMAND = [sys.executable, '-c', {child!r}]; "
-              f"g._run_child([*g.CELL_COMMAND, 'request', 'result'])")
+    parent = ("import sys; from bayeslora.bench import grid as g; "
+              f"g._run_child([sys.executable, '-c', {child!r}, 'request', 'result'])")
     proc = subprocess.Popen([sys.executable, "-c", parent])
     deadline = time.monotonic() + 60
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:

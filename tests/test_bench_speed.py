@@ -134,8 +134,10 @@ def test_train_rows_take_ratios_round_by_round():
 def test_bench_speed_rounds(tmp_path):
     md, raw = tmp_path / "speed.md", tmp_path / "speed.json"
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "mle,map",
-                 "--parts", "train", "--steps", "1", "--rounds", "2", "--md", str(md), "--json", str(raw)]) == 0
+                 "--parts", "train", "--steps", "1", "--rounds", "2", "--dtype", "bfloat16", "--md", str(md),
+                 "--json", str(raw)]) == 0
     rows = json.loads(raw.read_text())["train"]
     assert [len(r["step_s_rounds"]) for r in rows] == [2, 2] and rows[0]["x_step"] == 1.0
-    assert "2 rounds, each one subprocess per method in turn" in md.read_text()
+    text = md.read_text()
+    assert "2 rounds, each one subprocess per method in turn" in text and "lm_head, bfloat16." in text
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--rounds", "0"]) == 2

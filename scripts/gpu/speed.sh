@@ -13,3 +13,7 @@ python3 -m bayeslora.cli bench speed --model random:llama2-7b --batch-size 4 --s
   --parts train --methods mle,blob --md "$OUT/speed-cloze.md" --json "$OUT/speed-cloze.json" 2>&1 | tail -n 12
 python3 scripts/profile_train_step.py --method blob --targets q_proj,v_proj,lm_head --model random:llama2-7b \
   --batch-size 4 --steps 5 > "$OUT/profile-blob.txt" 2>&1; grep -A30 "runtime calls that wait" "$OUT/profile-blob.txt"
+# issue #4's cost goal on a GPU with the real model (in session 18's grid, three grids sharing the GPU, Laplace's fit
+# took 1.2-1.3x an MLE epoch): one MLE epoch over all ARC-E training questions, then each post-hoc fit, alone
+[ -f "${SMOLLM2:-}" ] && python3 -m bayeslora.cli bench speed --model "$SMOLLM2" --dtype float32 --parts posthoc \
+  --fit-questions 2251 --batch-size 16 --md "$OUT/speed-posthoc.md" --json "$OUT/speed-posthoc.json" 2>&1 | tail -n 15

@@ -45,7 +45,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--format", default="auto", choices=["auto", "letter", "cloze"],
                    help="scoring format; auto = cloze for the small default model, letter otherwise")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],  # models.DTYPES
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU); eval and bayesianize reuse it")
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=0.0, help="epochs, used when --max-steps is 0")
@@ -86,7 +86,8 @@ def _cmd_train(args) -> int:
     adapter = AdapterConfig(r=args.r, alpha=args.alpha, dropout=args.lora_dropout,
                             target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()])
     config = TrainConfig(model=args.model, dataset=args.dataset, method=args.method, method_options=options,
-                         format=args.format, dtype=args.dtype, data_dir=args.data_dir, source=args.source, adapter=adapter, lr=args.lr,
+                         format=args.format, dtype=args.dtype, data_dir=args.data_dir, source=args.source,
+                         adapter=adapter, lr=args.lr,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
                          epochs=args.epochs, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
                          train_limit=args.train_limit, eval_every=args.eval_every, eval_limit=args.eval_limit,

@@ -28,6 +28,8 @@ def add_speed_command(bench) -> None:
     p.add_argument("--methods", default="mle,map,mcd,ens,blob", help="comma-separated methods")
     p.add_argument("--batch-size", type=int, default=8, help="questions per batch")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per method (after 1 warm-up)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--rounds", type=int, default=1, help="training part: subprocesses per method, the methods "
                    "taking turns; the ratio to MLE is the median of the rounds' ratios (steps vary by process)")
     p.add_argument("--repeats", type=int, default=2, help="timed predictive runs per setting (after 1 warm-up)")
@@ -68,9 +70,11 @@ def _cmd_speed(args) -> int:
     if args.keep_mle is not None and Path(args.keep_mle).exists():
         raise ValueError(f"--keep-mle {args.keep_mle!r} already exists: give a new folder")
     config = SpeedConfig(model=args.model, dataset=args.dataset, methods=methods, batch_size=args.batch_size,
-                         steps=args.steps, rounds=args.rounds, repeats=args.repeats, samples=_ints(args.samples), data_dir=args.data_dir,
+                         steps=args.steps, rounds=args.rounds, repeats=args.repeats, samples=_ints(args.samples),
+                         data_dir=args.data_dir,
                          parts=[x.strip() for x in args.parts.split(",") if x.strip()], posthoc_methods=posthoc,
-                         fit_questions=args.fit_questions, format=args.format, keep_mle=args.keep_mle)
+                         fit_questions=args.fit_questions, format=args.format, keep_mle=args.keep_mle,
+                         dtype=args.dtype)
     result = run_speed(config, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                        partial=Path(args.json) if args.json else None)
     command = "bayeslora " + shlex.join(sys.argv[1:]) if "speed" in sys.argv else "bayeslora bench speed"

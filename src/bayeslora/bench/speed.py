@@ -61,6 +61,7 @@ class SpeedConfig:
     posthoc_methods: list[str] = field(default_factory=lambda: ["laplace", "tfb", "temperature"])
     fit_questions: int = field(default=64, metadata={"help": "questions of the MLE epoch and the post-hoc fits"})
     format: str = field(default="auto", metadata={"help": "letter | cloze | auto (cloze for small models)"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bfloat16 on CUDA, float32 on CPU)"})
     keep_mle: str | None = field(default=None, metadata={"help": "posthoc part: keep the MLE epoch's run here "
                                                                  "(a usable adapter; default: discarded)"})
 
@@ -106,12 +107,12 @@ def _batch(config: SpeedConfig, split: str, tokenizer, scorer):
 
 def _setup(config: SpeedConfig, method_name: str):
     from ..methods import AdapterConfig, build_method
-    from ..models import load_model
+    from ..models import load_model, parse_dtype
     from ..scoring import make_scorer
     from ..config import resolve_format
 
     torch.manual_seed(0)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, dtype=parse_dtype(config.dtype))
     method = build_method(method_name)
     model = method.prepare(loaded.model, AdapterConfig())
     scorer = make_scorer(resolve_format(config.format, config.model, loaded.model), loaded.tokenizer, max_length=256)
@@ -329,7 +330,7 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
         log(f"[speed] posthoc: one MLE epoch ({steps} steps of {config.batch_size})")
         source = train(TrainConfig(model=config.model, dataset=config.dataset, data_dir=config.data_dir,
                                    batch_size=config.batch_size, max_steps=steps, train_limit=config.fit_questions,
-                                   save_every=0, seed=0, format=config.format),
+                                   save_every=0, seed=0, format=config.format, dtype=config.dtype),
                        Path(config.keep_mle) if config.keep_mle else Path(tmp) / "mle", progress=False)
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
         log(f"[speed] posthoc: MLE epoch {epoch:.1f} s")
@@ -394,8 +395,8 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
 
 def train_rows(runs: dict[str, list[dict]]) -> list[dict]:
     """One row per method from its rounds (``runs[method][r]``: one subprocess's measurement): the median step and
-    peak over rounds, and the ratios to MLE (without an MLE row: to the first method) taken within each round, then their
-    median, min and max; a ratio of medians over separate processes would carry each process's own offset."""
+    peak over rounds, and the ratios to MLE (without an MLE row: to the first method) taken within each round, then
+    their median, min and max; a ratio of medians over separate processes would carry each process's own offset."""
     ref = "mle" if "mle" in runs else next(iter(runs))
     rows = []
     for measured in runs.values():
@@ -421,7 +422,8 @@ def format_markdown(result: dict, command: str) -> str:
     c = result["config"]
     parts = c.get("parts", ["train", "predictive"])
     lines = [f"Model `{c['model']}` on {result['device']}, batch of {c['batch_size']} `{c['dataset']}` questions "
-             f"(cloze/letter as `--format {c.get('format', 'auto')}`), LoRA r=8 on q_proj, v_proj, lm_head.", ""]
+             f"(cloze/letter as `--format {c.get('format', 'auto')}`), LoRA r=8 on q_proj, v_proj, lm_head"
+             + (f", {c['dtype']}" if c.get("dtype", "auto") != "auto" else "") + ".", ""]
     if "train" in parts:
         lines += _train_lines(result)
     if "predictive" in parts:
