@@ -85,3 +85,20 @@ def test_every_subcommand_documents_its_flags():
         for action in sp._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_dtype_flags_offer_the_models_dtypes():
+    """The CLI lists its --dtype choices without importing torch; they must stay those of ``models.DTYPES``."""
+    import argparse
+
+    from bayeslora.cli import build_parser
+    from bayeslora.models import DTYPES
+
+    def choices(parser: argparse.ArgumentParser, *path: str) -> list:
+        for name in path:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = sub.choices[name]
+        return next(a.choices for a in parser._actions if a.dest == "dtype")
+
+    assert choices(build_parser(), "train") == list(DTYPES)
+    assert choices(build_parser(), "bench", "speed") == list(DTYPES)
