@@ -65,8 +65,8 @@ def sweep(args) -> None:
         means.append(mean)
         for run, out in zip(runs, probs, strict=True):
             feats, gram = run.method.project_jacobians(jacobians)
-            out.append(torch.stack([meanfield_probs(mean, run.method._logit_cov(feats, gram, float(delta)))
-                                    for delta in GRID]))
+            out.append(torch.stack([meanfield_probs(mean, cov)
+                                    for cov in run.method.logit_covs(feats, gram, GRID.tolist())]))
     adapter = torch.cat(means).softmax(-1)
     labels = torch.tensor([ex.label for ex in examples])
     for path, run, out_path, run_probs in zip(args.run, runs, args.out, probs, strict=True):

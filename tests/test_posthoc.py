@@ -532,6 +532,14 @@ def test_laplace_covariance_matches_dense_computation(mle_run, subset):
     dense = J @ torch.linalg.solve(precision, J.transpose(1, 2))
     cov = method._logit_cov(feats, gram, delta)
     torch.testing.assert_close(cov.double(), dense, atol=1e-5, rtol=1e-3)
+    # a grid of precisions in one call (prior=val_nll's tuning): each slice is that precision's covariance
+    grid = [delta / 30.0, delta, 30.0 * delta]
+    covs = method.logit_covs(feats, gram, grid)
+    assert covs.shape == (3, 3, 4, 4)
+    for d, c in zip(grid, covs, strict=True):
+        dense_d = J @ torch.linalg.solve(torch.block_diag(*blocks) + d * torch.eye(J.shape[-1], dtype=torch.float64),
+                                         J.transpose(1, 2))
+        torch.testing.assert_close(c.double(), dense_d, atol=1e-5, rtol=1e-3)
     assert torch.diagonal(cov, dim1=1, dim2=2).min() > 0  # predictive variance > 0
     # prior="marglik_ab": the A factors have their own precision
     method.prior_precision_a = 7.0 * delta
