@@ -41,17 +41,19 @@ class FakePosthoc(BayesianMethod):
 
 
 def fake_bayesianize(source, method, out, dataset=None, split=None, options=None, data_dir=None, model=None,
-                     limit=None, seed=0, **kwargs):
+                     limit=None, seed=0, batch_size=8):
     shutil.copytree(source, out)
     (Path(out) / "posterior.safetensors").unlink(missing_ok=True)  # the MLE run's file names its method
     info = json.loads((Path(out) / "run.json").read_text())
     info.update(method=method, method_config={}, fit={"n_examples": 6})
     (Path(out) / "run.json").write_text(json.dumps(info))
     fake_bayesianize.calls.append((str(source), method, dataset, limit))
+    fake_bayesianize.batch_sizes.append(batch_size)
     return Path(out)
 
 
 fake_bayesianize.calls = []
+fake_bayesianize.batch_sizes = []
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,7 @@ def test_crash_is_recorded_and_grid_goes_on(grid):
 def test_posthoc_starts_from_the_mle_run(grid):
     source, method, dataset, limit = fake_bayesianize.calls[0]
     assert source.endswith("runs/mle-arith-s1") and method == "bench-posthoc" and dataset == "arith" and limit == 8
+    assert fake_bayesianize.batch_sizes[0] == 5  # the preset's eval_batch_size, not bayesianize's default
     row = by_method(grid["rows"])["bench-posthoc"]
     assert row["metrics"]["validation"]["n"] == 10
     # the post-hoc cost unit: one MLE epoch over the 6 fit questions = 2 steps of 4 at the MLE cell's step time

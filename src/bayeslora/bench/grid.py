@@ -451,11 +451,14 @@ def ensure_posthoc(config: GridConfig, cell: Cell, source: Path, timings: dict) 
         t0 = time.perf_counter()
         # split=None: each post-hoc method fits on its own default split (e.g. temperature on validation). The
         # fit limit is for training questions: a split's first questions are no sample of it, and temperature
-        # scaling fits on all of validation (cells before 2026-11-24 took its first fit_limit; FINDINGS 21)
+        # scaling fits on all of validation (cells before 2026-11-24 took its first fit_limit; FINDINGS 21).
+        # The fit's forwards and backwards run at the preset's evaluation batch: on a GPU, where SmolLM2 is
+        # launch-bound, bayesianize's default of 8 would pay per question what a batch of 16 pays per batch.
         on_train = getattr(get_method_class(cell.method), "fit_split", "train") == "train"
         bayesianize(source, cell.method, run_dir, dataset=cell.dataset, split=None,
                     options=method_options(config, cell.method), data_dir=config.data_dir,
-                    model=config.model, limit=config.preset.fit_limit if on_train else None, seed=cell.seed)
+                    model=config.model, limit=config.preset.fit_limit if on_train else None, seed=cell.seed,
+                    batch_size=config.preset.eval_batch_size)
         timings["fit_time_s"] = round(time.perf_counter() - t0, 3)
         epoch = fit_epoch_seconds(timings, run_dir, config.preset.batch_size)
         if epoch is not None:
