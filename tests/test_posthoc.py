@@ -103,11 +103,29 @@ def test_bad_inputs_write_nothing(mle_run, peft_adapter, tmp_path):
 def test_cli_calibrate_and_errors(mle_run, tmp_path, capsys):
     from bayeslora.cli import main
 
-    assert main(["calibrate", str(mle_run), "--out", str(tmp_path / "c"), "--limit", "8"]) == 0
+    assert main(["calibrate", str(mle_run), "--out", str(tmp_path / "c"), "--limit", "8", "--no-progress"]) == 0
     assert (tmp_path / "c" / "posterior.safetensors").is_file()
+    assert "logits" not in capsys.readouterr().err
     assert main(["bayesianize", str(tmp_path), "--method", "temperature", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+def test_fit_passes_show_progress_bars_unless_turned_off(mle_run, tmp_path, capsys):
+    """A Laplace fit on the CPU runs for minutes: the CLI shows a bar per pass (curvature, then the Jacobians
+    of the prior's validation questions); the library stays quiet unless asked."""
+    from bayeslora.cli import main
+
+    options = {"n_fit": 8, "n_val": 8}
+    bayesianize(mle_run, "laplace", tmp_path / "quiet", options=options, limit=8)
+    assert capsys.readouterr().err == ""
+    assert main(["bayesianize", str(mle_run), "--method", "laplace", "--out", str(tmp_path / "cli"), "--limit", "8",
+                 "--option", "n_fit=8", "--option", "n_val=8"]) == 0
+    err = capsys.readouterr().err
+    assert "curvature" in err and "prior (Jacobians)" in err
+    assert main(["bayesianize", str(mle_run), "--method", "laplace", "--out", str(tmp_path / "off"), "--limit", "8",
+                 "--option", "n_fit=8", "--option", "n_val=8", "--no-progress"]) == 0
+    assert "curvature" not in capsys.readouterr().err
 
 
 def _fit_in_memory(method_name, options, source, tmp_path, split="train", n=12):

@@ -22,6 +22,7 @@ def _common(p: argparse.ArgumentParser, split_default: str | None) -> None:
                    "method that also tunes on the validation split draws those at random from all of it)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch during the fit")
     p.add_argument("--seed", type=int, default=0, help="seed of subsampling and posterior sampling in the fit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_flags(p)
     p.set_defaults(func=_cmd_bayesianize)
 
@@ -37,7 +38,7 @@ def _cmd_bayesianize(args) -> int:
         options["n_samples"] = args.samples
     out = bayesianize(args.source_dir, args.method, args.out, dataset=args.dataset, split=args.split,
                       options=options, data_dir=args.data_dir, model=args.model, limit=args.limit, seed=args.seed,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, progress=not args.no_progress)
     info = json.loads((out / "run.json").read_text())
     print(json.dumps({"method": info["method"], **info["fit"]}))
     print(f"run written to {out}")

@@ -21,7 +21,7 @@ import torch
 from .config import resolve_format
 from .io_utils import atomic_dir
 from .methods import build_method
-from .methods.posthoc_base import PosthocMethod
+from .methods.posthoc_base import PosthocMethod, show_progress
 from .methods.base import ADAPTER_DIR, POSTERIOR_FILE
 from .models import load_model, parse_dtype
 from .runs import RUN_FILE, read_run_info, write_run_info
@@ -154,11 +154,12 @@ def _fit_examples(method: PosthocMethod, dataset: str, split: str | None, data_d
 
 def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str | None = None,
                 split: str | None = None, options: dict | None = None, data_dir=None, model: str | None = None,
-                limit: int | None = None, seed: int = 0, batch_size: int = 8) -> Path:
+                limit: int | None = None, seed: int = 0, batch_size: int = 8, progress: bool = False) -> Path:
     """Fit post-hoc ``method`` to the adapter of ``source`` on ``dataset``/``split`` and write a run at ``out``.
 
     ``split`` defaults to the method's ``fit_split`` (validation for temperature, train for laplace/tfb);
-    ``dataset`` defaults to the source run's training task. Returns ``out``.
+    ``dataset`` defaults to the source run's training task; ``progress``: a bar per pass of the fit (stderr).
+    Returns ``out``.
     """
     out = Path(out)
     _check_output(out)
@@ -184,7 +185,8 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
         # harder than 98% of random 64-question draws for the seed-1 cpu-fewshot adapter; FINDINGS, finding 21)
         extra["validation"] = load_task(dataset, meth.tune_split, data_dir)
     t0 = time.perf_counter()
-    fitted = meth.fit(peft_model, scorer, examples, batch_size=batch_size, generator=generator, **extra)
+    with show_progress(progress):
+        fitted = meth.fit(peft_model, scorer, examples, batch_size=batch_size, generator=generator, **extra)
     fit_time = time.perf_counter() - t0
     info = {"model": loaded.spec, "format": fmt, "dtype": src.dtype, "max_length": src.max_length, "method": meth.name,
             "method_config": meth.config.to_dict(), "adapter": {k: v for k, v in src.adapter.items()

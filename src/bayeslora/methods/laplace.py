@@ -247,7 +247,7 @@ class Laplace(PosthocMethod):
         n_choices = max(ex.n_choices for ex in examples)
         device = next(model.parameters()).device
         params = [m.weight for m in modules.values()]
-        for chunk in batches(examples, batch_size):
+        for chunk in batches(examples, batch_size, desc="curvature"):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
             with grad_only(model, params), capture_io(modules) as io:
                 logits = scorer.choice_logits(model, enc)
@@ -304,7 +304,7 @@ class Laplace(PosthocMethod):
         n_choices = max(ex.n_choices for ex in validation)
         device = next(model.parameters()).device
         closed_form = probit_probs if self.config.link == Link.PROBIT.value else meanfield_probs
-        for chunk in batches(validation, batch_size):
+        for chunk in batches(validation, batch_size, desc="prior (Jacobians)"):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
             mean, feats, gram = self._jacobian_features(model, scorer, enc)
             for i, cov in enumerate(self.logit_covs(feats, gram, grid.tolist())):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from typing import ClassVar, TypeVar
 
 import torch
 
 from .base import BayesianMethod
+
+T = TypeVar("T")
+#: whether the passes of a fit show progress bars: off unless a caller (bayesianize for the CLI) turns it on
+_PROGRESS: ContextVar[bool] = ContextVar("bayeslora_fit_progress", default=False)
 
 
 class PosthocMethod(BayesianMethod):
@@ -41,8 +47,30 @@ def in_float32(model: torch.nn.Module):
             t.data = t.data.to(dtype)
 
 
-def batches(examples: list, batch_size: int):
-    for start in range(0, len(examples), batch_size):
+@contextlib.contextmanager
+def show_progress(enabled: bool = True):
+    """Within the block, the passes of a post-hoc fit (:func:`progress`) show tqdm bars on stderr."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+    """``items``, with a progress bar named ``desc`` inside :func:`show_progress` (a fit's pass over its batches:
+    a Laplace fit on the CPU runs for minutes)."""
+    if not _PROGRESS.get():
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def batches(examples: list, batch_size: int, desc: str | None = None) -> Iterator[list]:
+    """``examples`` in chunks of ``batch_size``; with ``desc``, a progress bar in :func:`show_progress`."""
+    starts = range(0, len(examples), batch_size)
+    for start in (starts if desc is None else progress(starts, desc)):
         yield examples[start:start + batch_size]
 
 
@@ -52,7 +80,7 @@ def collect_logits(model, scorer, examples: list, batch_size: int = 8) -> tuple[
     n_choices = max(ex.n_choices for ex in examples)
     device = next(model.parameters()).device
     logits, labels = [], []
-    for chunk in batches(examples, batch_size):
+    for chunk in batches(examples, batch_size, desc="logits"):
         enc = scorer.encode(chunk, n_choices=n_choices).to(device)
         logits.append(scorer.choice_logits(model, enc).float().cpu())
         labels.append(enc.labels.cpu())

@@ -87,7 +87,7 @@ from ..tasks import random_subset as subsample
 from .base import MethodError, SampledConfig, SamplePlan
 from .head import gaussian_head, head_logits, head_noise
 from .linearized import Link, glm_predictive, lora_jacobians, meanfield_probs
-from .posthoc_base import PosthocMethod, batches, in_float32
+from .posthoc_base import PosthocMethod, batches, in_float32, progress
 from .registry import register_method
 
 SEARCHES = ("secant", "bisect")
@@ -279,7 +279,8 @@ class TFB(PosthocMethod):
         only, from these inputs."""
         generator = torch.Generator().manual_seed(seed)
         total, count, correct = 0.0, 0, 0
-        for i, (enc, labels) in enumerate(zip(encoded, pseudo, strict=True)):
+        desc = "NLL of the adapter" if n_samples == 0 else f"NLL, {n_samples} samples"
+        for i, (enc, labels) in enumerate(progress(list(zip(encoded, pseudo, strict=True)), desc)):
             if n_samples == 0:
                 probs = torch.softmax(self._mean_logits(model, scorer, enc, heads, i).float(), -1)
             else:
@@ -380,7 +381,7 @@ class TFB(PosthocMethod):
         encoded = self._encode(scorer, model, questions, batch_size)
         scales = self._reparameterize(model)
         self._set_sigma(scales, 1.0)
-        means, covs = zip(*(self._glm_cov(model, scorer, enc) for enc in encoded), strict=True)
+        means, covs = zip(*(self._glm_cov(model, scorer, enc) for enc in progress(encoded, "Jacobians")), strict=True)
         labels = [enc.labels.cpu() for enc in encoded] if val else [m.argmax(-1) for m in means]
 
         def nll_acc(sigma: float) -> tuple[float, float]:
