@@ -521,6 +521,36 @@ def test_laplace_round_trip(mle_run, tmp_path):
     assert run.info["fit"]["prior_precision"] == mem.method.prior_precision
 
 
+def test_batches_are_scored_with_their_own_choice_count(mle_run):
+    """Evaluation scores each batch with its own largest choice count (a Jacobian pays one backward per choice)
+    and pads the rest with probability 0: the same predictive as scoring every batch with the largest count."""
+    import dataclasses
+
+    from bayeslora.evaluate import predict_examples
+    from bayeslora.predictive import Predictive
+    from bayeslora.runs import Run
+
+    method, model, scorer = _fitted_laplace(mle_run, prior_precision=1.0, n_samples=0)
+    run = Run(model=model, tokenizer=scorer.tokenizer, method=method, scorer=scorer)
+    qs = _questions(6)
+    # the first batch has three choices per question, the second four
+    three = [dataclasses.replace(q, choices=q.choices[:3], cloze=q.cloze[:3], label=min(q.label, 2)) for q in qs[:3]]
+    qs = three + qs[3:]
+    counts = []
+    encode = scorer.encode
+    scorer.encode = lambda chunk, n_choices=None: counts.append(encode(chunk, n_choices).choice_mask.shape[1]) or \
+        encode(chunk, n_choices)
+    try:
+        pred = predict_examples(run, qs, batch_size=3)
+    finally:
+        del scorer.encode
+    assert counts == [3, 4]
+    padded = Predictive.cat([method.predict(model, scorer, scorer.encode(qs[i:i + 3], n_choices=4), n_samples=0)
+                             for i in (0, 3)])
+    assert pred.probs.shape == (6, 4) and (pred.probs[:3, 3] == 0).all()
+    torch.testing.assert_close(pred.probs, padded.probs, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("subset", ["last_layer", "all"])
 def test_laplace_covariance_matches_dense_computation(mle_run, subset):
     """Hook-based Jacobians (on the shared-prefix layout: the trunk's LoRA sees the context and the choices in two

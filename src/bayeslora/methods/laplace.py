@@ -301,11 +301,10 @@ class Laplace(PosthocMethod):
     def _tune_val_nll(self, model, scorer, validation, batch_size) -> tuple[float, float]:
         grid = val_nll_grid()
         nll = torch.zeros(len(grid), dtype=torch.float64)
-        n_choices = max(ex.n_choices for ex in validation)
         device = next(model.parameters()).device
         closed_form = probit_probs if self.config.link == Link.PROBIT.value else meanfield_probs
         for chunk in batches(validation, batch_size, desc="prior (Jacobians)"):
-            enc = scorer.encode(chunk, n_choices=n_choices).to(device)
+            enc = scorer.encode(chunk).to(device)  # the batch's own choice count: one backward per choice
             mean, feats, gram = self._jacobian_features(model, scorer, enc)
             for i, cov in enumerate(self.logit_covs(feats, gram, grid.tolist())):
                 probs = closed_form(mean, cov)

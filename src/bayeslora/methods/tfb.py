@@ -312,9 +312,9 @@ class TFB(PosthocMethod):
 
     @staticmethod
     def _encode(scorer, model, examples, batch_size) -> list:
-        n_choices = max(ex.n_choices for ex in examples)
+        """The fit's batches, each with its own choice count (the linearized fit pays one backward per choice)."""
         device = next(model.parameters()).device
-        return [scorer.encode(chunk, n_choices=n_choices).to(device) for chunk in batches(examples, batch_size)]
+        return [scorer.encode(chunk).to(device) for chunk in batches(examples, batch_size)]
 
     def _fit(self, model, scorer, examples, batch_size, generator) -> dict:
         cfg = self.config
