@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bayeslora.config import TrainConfig
+from bayeslora.methods.linearized import meanfield_probs, probit_probs
 from bayeslora.methods.temperature import fit_temperature
 from bayeslora.models import load_model
 from bayeslora.posthoc import PosthocError, bayesianize
@@ -314,6 +315,13 @@ def test_tfb_antithetic_predictive(mle_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 4
 
 
+def _to_first_choice(C: int) -> torch.Tensor:
+    """``D (C, C)``: ``D f`` is ``f_c - f_0`` per choice (row 0 zero)."""
+    D = torch.eye(C, dtype=torch.float64)
+    D[:, 0] -= 1.0
+    return D
+
+
 @pytest.mark.parametrize("subset", ["all", "last_layer"])
 def test_tfb_glm_covariance_matches_dense_jacobian(mle_run, tmp_path, subset):
     """predictive=glm: the logit covariance is J diag(std^2) J^T over the Gaussian A' factors (dense brute force
@@ -335,7 +343,10 @@ def test_tfb_glm_covariance_matches_dense_jacobian(mle_run, tmp_path, subset):
     J = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[b, c], params, retain_graph=True)])
                      for b in range(3) for c in range(4)]).double().view(3, 4, -1)  # (B, C, P)
     var = torch.cat([m.std().detach().expand_as(m.weight).flatten() for m in layers]).double() ** 2
-    torch.testing.assert_close(cov, (J * var) @ J.transpose(1, 2), atol=1e-7, rtol=1e-4)
+    full = (J * var) @ J.transpose(1, 2)
+    D = _to_first_choice(4)  # the Jacobians are of f_c - f_0: one backward fewer, the same var(f_i - f_j)
+    torch.testing.assert_close(cov, D @ full @ D.T, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(meanfield_probs(mean, cov), meanfield_probs(mean, full.float()), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(mean, logits.detach(), atol=1e-5, rtol=1e-5)
     pred = method.predict(model, scorer, enc, generator=torch.Generator().manual_seed(0))
     assert pred.sample_probs.shape == (3, 3, 4) and pred.epistemic.min() >= -1e-6
@@ -597,6 +608,23 @@ def test_laplace_covariance_matches_dense_computation(mle_run, subset):
     torch.testing.assert_close(method._logit_cov(feats, gram, delta).double(), dense, atol=1e-5, rtol=1e-3)
 
 
+def test_laplace_relative_jacobians_keep_every_logit_difference(mle_run):
+    """The mean-field link (Laplace's default) reads only var(f_i - f_j): Jacobians of the differences to the first
+    choice (one backward fewer) give the same predictive; the probit link keeps the full Jacobians."""
+    method, model, scorer = _fitted_laplace(mle_run, prior_precision=3.0)
+    enc = scorer.encode(_questions(3), n_choices=4)
+    mean, feats, gram = method._jacobian_features(model, scorer, enc)
+    rel_mean, rel_feats, rel_gram = method._jacobian_features(model, scorer, enc, relative=True)
+    cov, rel_cov = method._logit_cov(feats, gram, 3.0), method._logit_cov(rel_feats, rel_gram, 3.0)
+    D = _to_first_choice(4)
+    torch.testing.assert_close(rel_cov.double(), D @ cov.double() @ D.T, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(rel_cov, cov)
+    torch.testing.assert_close(method.predict(model, scorer, enc, n_samples=0).probs, meanfield_probs(mean, cov),
+                               atol=1e-6, rtol=1e-5)
+    method.config.link = "probit"
+    torch.testing.assert_close(method.predict(model, scorer, enc).probs, probit_probs(mean, cov))
+
+
 def test_laplace_shared_prefix_equals_one_pass(mle_run, monkeypatch):
     """The curvature's output gradients and the predictive's Jacobians do not depend on the forward layout."""
     method, model, scorer = _fitted_laplace(mle_run)
@@ -645,7 +673,7 @@ def test_laplace_meanfield_link_is_shift_invariant_and_close_to_mc():
     the converged MC predictive than the probit."""
     import math
 
-    from bayeslora.methods.linearized import meanfield_probs, probit_probs, sample_logit_gaussian
+    from bayeslora.methods.linearized import sample_logit_gaussian
 
     gen = torch.Generator().manual_seed(0)
     mean = torch.randn(64, 4, generator=gen) * 2.0
@@ -745,10 +773,18 @@ def test_choice_output_grads_batched_equals_loop(monkeypatch):
             raise RuntimeError("no batching rule")
         return real_grad(*args, **kwargs)
 
+    present = torch.tensor([[True, True, True], [True, True, False], [True, True, True], [True, False, False]])
+    relative = linearized.choice_output_grads(logits, [h], relative=True, present=present)[0]
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     looped = linearized.choice_output_grads(logits, [h])[0]
     assert batched.shape == (3, 4, 5)
     torch.testing.assert_close(batched, looped)
+    # relative: the gradients of f_c - f_0 (row 0 zero), zero at a question's absent choices; both paths
+    expected = (batched - batched[:1]) * present.T[:, :, None]
+    expected[0] = 0.0
+    torch.testing.assert_close(relative, expected)
+    looped_relative = linearized.choice_output_grads(logits, [h], relative=True, present=present)[0]
+    torch.testing.assert_close(looped_relative, expected)
 
 
 def test_source_with_a_posterior_or_an_empty_posterior_file(mle_run, tmp_path):

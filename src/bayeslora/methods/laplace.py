@@ -305,7 +305,7 @@ class Laplace(PosthocMethod):
         closed_form = probit_probs if self.config.link == Link.PROBIT.value else meanfield_probs
         for chunk in batches(validation, batch_size, desc="prior (Jacobians)"):
             enc = scorer.encode(chunk).to(device)  # the batch's own choice count: one backward per choice
-            mean, feats, gram = self._jacobian_features(model, scorer, enc)
+            mean, feats, gram = self._jacobian_features(model, scorer, enc, relative=closed_form is meanfield_probs)
             for i, cov in enumerate(self.logit_covs(feats, gram, grid.tolist())):
                 probs = closed_form(mean, cov)
                 nll[i] -= probs.gather(1, enc.labels.cpu()[:, None]).clamp_min(1e-30).log().sum().double()
@@ -355,10 +355,11 @@ class Laplace(PosthocMethod):
         return sum(f.module.weight.numel() for f in self.factors.values())
 
     # -- predictive -----------------------------------------------------------------------------------------
-    def _jacobian_features(self, model, scorer, enc):
+    def _jacobian_features(self, model, scorer, enc, relative: bool = False):
         """Choice logits ``(B, C)``, and per covered matrix the Jacobian in the KFAC eigenbasis ``(B, C, k_g * k_a)``
-        and the Gram ``(B, C, C)`` of the full Jacobian (for the prior part of the covariance)."""
-        logits, jacobians = lora_jacobians(model, scorer, enc, self.jacobian_modules())
+        and the Gram ``(B, C, C)`` of the full Jacobian (for the prior part of the covariance). ``relative``: of the
+        logits' differences to the first choice, one backward fewer (exact for shift-invariant links only)."""
+        logits, jacobians = lora_jacobians(model, scorer, enc, self.jacobian_modules(), relative=relative)
         return (logits, *self.project_jacobians(jacobians))
 
     def jacobian_modules(self) -> dict[str, torch.nn.Module]:
@@ -409,7 +410,9 @@ class Laplace(PosthocMethod):
         S = self.resolve_samples(n_samples)
         if not self.factors:
             raise LaplaceError("Laplace has no fitted curvature: fit it (bayeslora bayesianize) or load a run")
-        mean, feats, gram = self._jacobian_features(model, scorer, batch)
+        # the mean-field link and logit samples read only the logits' differences: one backward per choice but one
+        shift_invariant = self.config.link == Link.MEANFIELD.value or (self.config.link == Link.MC.value and S > 0)
+        mean, feats, gram = self._jacobian_features(model, scorer, batch, relative=shift_invariant)
         cov = self._logit_cov(feats, gram, self.prior_precision)
         return glm_predictive(mean, cov, self.config.link, S, generator)
 

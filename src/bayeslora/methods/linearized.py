@@ -114,34 +114,61 @@ def grad_only(model, params: list[torch.nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def choice_output_grads(logits: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def choice_cotangents(B: int, C: int, relative: bool = False, present: torch.Tensor | None = None,
+                      device=None, dtype=None) -> torch.Tensor:
+    """The ``(K, B, C)`` output cotangents whose vector-Jacobian products :func:`choice_output_grads` takes: per
+    choice ``c`` the unit row ``e_c`` (``K = C``), or with ``relative`` the differences ``e_c - e_0`` for ``c >= 1``
+    (``K = C - 1``), zero at a question's absent choices (``present (B, C)``)."""
+    eye = torch.eye(C, device=device, dtype=dtype)
+    if not relative:
+        return eye[:, None, :].expand(C, B, C).contiguous()
+    rows = (eye[1:] - eye[0])[:, None, :].expand(C - 1, B, C)
+    if present is not None:
+        rows = rows * present.T[1:, :, None].to(rows.dtype)
+    return rows.contiguous()
+
+
+def choice_output_grads(logits: torch.Tensor, outputs: list[torch.Tensor], relative: bool = False,
+                        present: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Per choice ``c``, the gradient of ``sum_b logits[b, c]`` w.r.t. each output: ``(C, *output.shape)``.
 
     Questions are independent, so row ``r``'s slice is the gradient of its own question's logit. One vectorized
-    backward (``is_grads_batched``) where autograd supports it, else ``C`` backward passes.
+    backward (``is_grads_batched``) where autograd supports it, else one backward per choice.
+
+    ``relative``: the gradients of ``logits[:, c] - logits[:, 0]`` instead (row 0 zero; ``present (B, C)`` zeroes a
+    question's absent choices), for ``C - 1`` backwards instead of ``C``. The Gaussian over the choice logits that
+    they give has the same ``var(f_i - f_j)`` for every pair, which is all that a link invariant to shifting every
+    logit by one amount reads: the mean-field link and softmax samples, not the probit.
     """
     B, C = logits.shape
-    eye = torch.eye(C, device=logits.device, dtype=logits.dtype)[:, None, :].expand(C, B, C).contiguous()
+    relative = relative and C > 1
+    cot = choice_cotangents(B, C, relative, present, logits.device, logits.dtype)
     try:
-        grads = torch.autograd.grad(logits, outputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+        grads = torch.autograd.grad(logits, outputs, grad_outputs=cot, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one backward per choice
-        per_c = [torch.autograd.grad(logits[:, c].sum(), outputs, retain_graph=True, allow_unused=True)
-                 for c in range(C)]
-        grads = [None if per_c[0][i] is None else torch.stack([p[i] for p in per_c]) for i in range(len(outputs))]
-    return [None if g is None else g.detach() for g in grads]
+    except RuntimeError:  # an op without a batching rule: one backward per cotangent
+        per_k = [torch.autograd.grad((logits * cot[k]).sum(), outputs, retain_graph=True, allow_unused=True)
+                 for k in range(cot.shape[0])]
+        grads = [None if per_k[0][i] is None else torch.stack([p[i] for p in per_k]) for i in range(len(outputs))]
+    grads = [None if g is None else g.detach() for g in grads]
+    if relative:
+        grads = [None if g is None else torch.cat([torch.zeros_like(g[:1]), g]) for g in grads]
+    return grads
 
 
-def lora_jacobians(model, scorer, enc, modules: dict[str, torch.nn.Module]):
+def lora_jacobians(model, scorer, enc, modules: dict[str, torch.nn.Module], relative: bool = False):
     """Choice logits ``(B, C)`` (on the CPU, ``-inf`` at absent choices) and, per module of ``modules`` (LoRA
     factors with a ``weight`` (out, in)), the Jacobian ``(C, B, out, in)`` (CPU, float32) of each question's choice
-    logits w.r.t. that weight, summed over every position and forward where the module ran."""
+    logits w.r.t. that weight, summed over every position and forward where the module ran. ``relative``: the
+    Jacobians of ``f_c - f_0`` (row 0 zero), one backward fewer (:func:`choice_output_grads`): for shift-invariant
+    links only."""
     params = [m.weight for m in modules.values()]
     B, C = enc.choice_mask.shape
     with grad_only(model, params), capture_io(modules) as io:
         logits = scorer.choice_logits(model, enc)
         calls = recorded_calls(io, enc)
-        grads = choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls])
+        grads = choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls],
+                                    relative=relative, present=enc.choice_mask)
     grad_of = dict(zip(calls, grads, strict=True))
     jacobians = {}
     for k in io:

@@ -426,9 +426,12 @@ class TFB(PosthocMethod):
     @staticmethod
     def _glm_cov(model, scorer, enc) -> tuple[torch.Tensor, torch.Tensor]:
         """Choice logits ``(B, C)`` and the linearized predictive's covariance ``J diag(std^2) J^T`` ``(B, C, C)``
-        (float64, CPU): per Gaussian ``A'`` (r, d_in) the Jacobian of the choice logits, weighted by its std."""
+        (float64, CPU): per Gaussian ``A'`` (r, d_in) the Jacobian of the choice logits, weighted by its std. The
+        Jacobians are of the logits' differences to the first choice (row and column 0 of the covariance are zero):
+        the same ``var(f_i - f_j)``, all that the mean-field link and softmax samples read."""
         layers = {str(i): m for i, m in enumerate(stochastic_layers(model))}
-        mean, jacobians = lora_jacobians(model, scorer, enc, layers)
+        # the mean-field link and logit samples read only the logits' differences: one backward per choice but one
+        mean, jacobians = lora_jacobians(model, scorer, enc, layers, relative=True)
         cov = torch.zeros(*mean.shape, mean.shape[1], dtype=torch.float64)
         for k, J in jacobians.items():  # (C, B, r, d_in)
             Jw = J.double() * layers[k].std().detach().double().cpu()  # std (r, 1): sigma / d_i per row
