@@ -61,7 +61,9 @@ def sweep(args) -> None:
     means, probs = [], [[] for _ in runs]  # probs: per run, per batch (G, B, C)
     for start in range(0, len(examples), args.batch_size):
         enc = first.scorer.encode(examples[start:start + args.batch_size], n_choices=n_choices).to(device)
-        mean, jacobians = lora_jacobians(first.model, first.scorer, enc, first.method.jacobian_modules())
+        # the mean-field link reads only the logits' differences: their Jacobians, one backward fewer
+        mean, jacobians = lora_jacobians(first.model, first.scorer, enc, first.method.jacobian_modules(),
+                                         relative=True)
         means.append(mean)
         for run, out in zip(runs, probs, strict=True):
             feats, gram = run.method.project_jacobians(jacobians)
