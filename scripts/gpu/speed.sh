@@ -8,7 +8,8 @@
 #                     diagnosed), then its profile with the runtime calls that wait and the lines that synchronize
 #   speed.sh posthoc  issue #4's cost goal with the real model in float32 (in session 18's grid, three grids sharing
 #                     the GPU, Laplace's fit took 1.2-1.3x an MLE epoch): one MLE epoch over all ARC-E training
-#                     questions, then each post-hoc fit, alone on the GPU
+#                     questions, then each post-hoc fit, alone on the GPU; session 19 changed the fit (FINDINGS 28:
+#                     one product for the prior's grid, one backward fewer) and predicts 0.2-0.35x, not measured
 set -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
