@@ -45,7 +45,7 @@ def fake_bayesianize(source, method, out, dataset=None, split=None, options=None
     shutil.copytree(source, out)
     (Path(out) / "posterior.safetensors").unlink(missing_ok=True)  # the MLE run's file names its method
     info = json.loads((Path(out) / "run.json").read_text())
-    info.update(method=method, method_config={}, fit={"n_examples": 6})
+    info.update(method=method, method_config={}, fit={"n_examples": 6, "time_s": 0.5})
     (Path(out) / "run.json").write_text(json.dumps(info))
     fake_bayesianize.calls.append((str(source), method, dataset, limit))
     fake_bayesianize.batch_sizes.append(batch_size)
@@ -114,6 +114,14 @@ def test_posthoc_starts_from_the_mle_run(grid):
     assert row["metrics"]["validation"]["n"] == 10
     # the post-hoc cost unit: one MLE epoch over the 6 fit questions = 2 steps of 4 at the MLE cell's step time
     assert row["fit_epoch_s"] == pytest.approx(row["mle_train_time_s"] / row["mle_steps"] * 2, rel=1e-3, abs=1e-3)
+    # ... against the fit's own time (run.json), not the whole bayesianize call with the model's loading
+    assert row["fit_only_s"] == 0.5 and row["fit_time_s"] > 0
+    from bayeslora.bench.report import cost_table
+
+    cost = cost_table([row])
+    cells = dict(zip(cost["columns"], cost["rows"]["bench-posthoc"], strict=True))
+    assert cells["post-hoc fit s"] == "0.5"
+    assert float(cells["fit / MLE epoch"].split()[0]) == pytest.approx(0.5 / row["fit_epoch_s"], rel=0.01, abs=0.01)
 
 
 def test_a_posthoc_method_fitted_on_validation_gets_all_of_it(grid, tmp_path):
