@@ -410,7 +410,7 @@ class Laplace(PosthocMethod):
         S = self.resolve_samples(n_samples)
         if not self.factors:
             raise LaplaceError("Laplace has no fitted curvature: fit it (bayeslora bayesianize) or load a run")
-        # the mean-field link and logit samples read only the logits' differences: one backward per choice but one
+        # the mean-field link and logit samples read only the logits' differences: C - 1 backwards, not C
         shift_invariant = self.config.link == Link.MEANFIELD.value or (self.config.link == Link.MC.value and S > 0)
         mean, feats, gram = self._jacobian_features(model, scorer, batch, relative=shift_invariant)
         cov = self._logit_cov(feats, gram, self.prior_precision)

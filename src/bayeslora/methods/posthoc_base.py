@@ -57,14 +57,14 @@ def show_progress(enabled: bool = True):
         _PROGRESS.reset(token)
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+def progress(items: Iterable[T], desc: str) -> Iterable[T]:
     """``items``, with a progress bar named ``desc`` inside :func:`show_progress` (a fit's pass over its batches:
     a Laplace fit on the CPU runs for minutes)."""
     if not _PROGRESS.get():
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 def batches(examples: list, batch_size: int, desc: str | None = None) -> Iterator[list]:

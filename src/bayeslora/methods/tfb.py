@@ -430,7 +430,6 @@ class TFB(PosthocMethod):
         Jacobians are of the logits' differences to the first choice (row and column 0 of the covariance are zero):
         the same ``var(f_i - f_j)``, all that the mean-field link and softmax samples read."""
         layers = {str(i): m for i, m in enumerate(stochastic_layers(model))}
-        # the mean-field link and logit samples read only the logits' differences: one backward per choice but one
         mean, jacobians = lora_jacobians(model, scorer, enc, layers, relative=True)
         cov = torch.zeros(*mean.shape, mean.shape[1], dtype=torch.float64)
         for k, J in jacobians.items():  # (C, B, r, d_in)
