@@ -10,6 +10,8 @@
 #                     the GPU, Laplace's fit took 1.2-1.3x an MLE epoch): one MLE epoch over all ARC-E training
 #                     questions, then each post-hoc fit, alone on the GPU; session 19 changed the fit (FINDINGS 28:
 #                     one product for the prior's grid, one backward fewer) and predicts 0.2-0.35x, not measured
+#   speed.sh nan      the first lease's bfloat16 NaN batch (FINDINGS 29) through plain SDPA and bayeslora's attention
+#                     (no cuDNN kernel where a backward follows): plain SDPA's gradients are expected NaN, ours finite
 set -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
@@ -25,5 +27,7 @@ cloze)
 posthoc)
   python3 -m bayeslora.cli bench speed --model "$SMOLLM2" --dtype float32 --parts posthoc --fit-questions 2251 \
     --batch-size 16 --md "$OUT/speed-posthoc.md" --json "$OUT/speed-posthoc.json" 2>&1 | tail -n 15 ;;
-*) echo "usage: speed.sh 7b | cloze | posthoc" >&2; exit 2 ;;
+nan)
+  python3 scripts/attention_nan_replay.py --model "$SMOLLM2" --dtype bfloat16 2>&1 | grep -v -i warn | tail -n 12 ;;
+*) echo "usage: speed.sh 7b | cloze | posthoc | nan" >&2; exit 2 ;;
 esac

@@ -19,7 +19,8 @@ Model specs accepted by :func:`load_model`:
   same spec, never absolute times across specs.
 
 Every tokenizer is returned with left padding and a pad token, so the last position of a batch row is the last
-real token.
+real token. A model that runs PyTorch's SDPA attention is switched to :func:`bayeslora.attention.use_safe_attention`
+(SDPA without cuDNN's kernel where a backward follows: that kernel's backward returns NaN on some padded lengths).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .attention import use_safe_attention
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
@@ -279,5 +282,5 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
             f"Unknown model spec {spec!r}: expected {DEFAULT_MODEL!r}, {TINY_MODEL!r}, 'random:NAME[@LAYERS]', "
             "a .gguf file, a Hugging Face model directory or a hub id like 'org/name'"
         )
-    model = model.to(device=device, dtype=dtype).eval()
+    model = use_safe_attention(model.to(device=device, dtype=dtype).eval())
     return LoadedModel(model=model, tokenizer=_prepare_tokenizer(tokenizer), spec=spec)
