@@ -7,6 +7,12 @@ For per-sample probabilities ``p_s`` (S posterior samples), the mean ``p = mean_
 * epistemic: ``H[p] - mean_s H[p_s]`` (mutual information between the label and the weights).
 
 All in nats. With no samples (a deterministic method) aleatoric = total and epistemic = 0.
+
+Some predictives report probabilities that are not the samples' mean: Laplace's and TFB's linearized predictive
+give the mean-field closed form and draw logit samples only for the split. There total is ``H[probs]`` (the
+entropy of the probabilities reported), epistemic the samples' mutual information ``H[mean_s p_s] - mean_s H[p_s]``
+capped at total, and aleatoric the rest, so total = aleatoric + epistemic with both parts >= 0 for any number of
+samples. Where ``probs`` is the samples' mean this is the decomposition above.
 """
 
 from __future__ import annotations
@@ -57,13 +63,15 @@ class Predictive:
 
     @property
     def aleatoric(self) -> torch.Tensor:
-        if self.sample_probs is None:
-            return self.total
-        return entropy(self.sample_probs).mean(0)
+        return self.total - self.epistemic
 
     @property
     def epistemic(self) -> torch.Tensor:
-        return (self.total - self.aleatoric).clamp_min(0.0)
+        """The samples' mutual information, at most :attr:`total` (see the module docstring)."""
+        if self.sample_probs is None:
+            return torch.zeros_like(self.total)
+        mutual = entropy(self.sample_probs.mean(0)) - entropy(self.sample_probs).mean(0)
+        return torch.minimum(mutual.clamp_min(0.0), self.total)
 
     def detach(self) -> Predictive:
         sp = None if self.sample_probs is None else self.sample_probs.detach().cpu()
