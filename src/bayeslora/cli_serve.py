@@ -45,11 +45,12 @@ def settings_from_args(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import InferenceService
-    from .serve.server import run_server
+    from .serve.server import check_port_free, run_server
 
     from .cli import _parse_option
 
     settings = settings_from_args(args)
+    check_port_free(settings.host, settings.port)
     options = dict(_parse_option(o) for o in args.option)
     run_server(settings, InferenceService.load(args.run_dir, args.model, settings, options=options),
                log_level=args.log_level)

@@ -33,6 +33,22 @@ def test_serve_missing_run_dir_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
 
 
+def test_serve_bad_or_busy_port_is_a_one_line_error_before_the_model_loads():
+    def serve(port) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bayeslora.cli", "serve", "--model", "no-such-model-spec",
+                               "--port", str(port)], capture_output=True, text=True, env=_env(), timeout=120,
+                              check=False)
+
+    proc = serve(99999)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "[1, 65535]" in proc.stderr
+    with socket.socket() as busy:  # a listening socket holds the port; the model spec is never reached
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = serve(busy.getsockname()[1])
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "Cannot listen on 127.0.0.1:" in proc.stderr and "choose another --port" in proc.stderr
+
+
 def test_sigterm_lets_the_in_flight_request_finish():
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bayeslora.cli", "serve", "--model", "tiny-random-llama",

@@ -22,6 +22,22 @@ def _server(settings: ServeSettings, service: InferenceService, port: int, log_l
     return uvicorn.Server(config)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise a ``ValueError`` naming the address if ``host:port`` cannot be bound now (in use, not an address of
+    this machine, privileged): checked before the model loads, so a bad address costs no load."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(address)
+    except OSError as exc:
+        raise ValueError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or "
+                         "--host") from None
+
+
 def run_server(settings: ServeSettings, service: InferenceService, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's signal handling: in-flight requests finish)."""
     _server(settings, service, settings.port, log_level).run()

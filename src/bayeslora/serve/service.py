@@ -86,6 +86,8 @@ class ServeSettings:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
+        if self.port > 65535:
+            raise ValueError(f"Expected `port` in [1, 65535], but got {self.port}")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
         if self.samples is not None and not 0 <= self.samples <= self.max_samples:
             raise ValueError(f"Expected `samples` in [0, {self.max_samples}], but got {self.samples!r}")
