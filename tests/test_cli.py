@@ -24,6 +24,19 @@ def test_train_then_eval(tmp_path, capsys):
     assert metrics["questions"] == "first 12"
 
 
+def test_eval_writes_strict_json_when_a_metric_is_undefined(tmp_path, capsys):
+    """One question: the misclassification AUROC is undefined (NaN); metrics.json and the printed line say null."""
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    assert _train(tmp_path) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--limit", "1"]) == 0
+    metrics = strict((tmp_path / "run" / "eval" / "arith-ood-validation" / "metrics.json").read_text())
+    assert metrics["n"] == 1 and metrics["auroc_misclassification"] is None
+    assert strict(capsys.readouterr().out.splitlines()[0])["auroc_misclassification"] is None
+
+
 def test_eval_sample_takes_a_fixed_random_subset(tmp_path, capsys):
     """--sample N: the same random N questions every time (in their order), not the split's first N."""
     from bayeslora.tasks import load_task, random_subset
@@ -102,3 +115,14 @@ def test_dtype_flags_offer_the_models_dtypes():
 
     assert choices(build_parser(), "train") == list(DTYPES)
     assert choices(build_parser(), "bench", "speed") == list(DTYPES)
+
+
+def test_point_mass_note_gives_the_method_s_own_advice():
+    from bayeslora.evaluate import collapse_note
+    from bayeslora.methods import get_method_class
+
+    flat = {"n_samples": 10, "mean_epistemic": 1e-5}
+    assert collapse_note({**flat, "mean_epistemic": 0.1}, "x") is None and collapse_note({"n_samples": 0}, "x") is None
+    laplace, blob = (collapse_note(flat, get_method_class(m).point_mass_hint) for m in ("laplace", "blob"))
+    assert "n_val" in laplace and "rho_lr" not in laplace
+    assert "rho_lr" in blob and "n_val" not in blob

@@ -118,6 +118,50 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert steps == list(range(1, 41))
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_resume_refuses_what_it_cannot_continue_and_touches_nothing(tmp_path):
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(TrainingError, match="not a run started by `bayeslora train`"):
+        train(TrainConfig(**TINY, max_steps=2), foreign, resume=True, progress=False)
+    assert _tree(foreign) == {"notes.txt": b"precious"}
+
+    run = train(TrainConfig(**TINY, max_steps=2, lr=1e-3), tmp_path / "run", progress=False)
+    posthoc = tmp_path / "posthoc"  # a post-hoc run's run.json has no training settings
+    shutil.copytree(run, posthoc)
+    info = json.loads((posthoc / "run.json").read_text())
+    del info["train"]
+    (posthoc / "run.json").write_text(json.dumps(info))
+    before = _tree(posthoc)
+    with pytest.raises(TrainingError, match="not a run started by `bayeslora train`"):
+        train(TrainConfig(**TINY, max_steps=2, lr=1e-3), posthoc, resume=True, progress=False)
+    assert _tree(posthoc) == before
+
+    before = _tree(run)
+    with pytest.raises(TrainingError, match=r"lr: 0\.001 saved, 0\.5 given; method: 'mle' saved, 'map' given"):
+        train(TrainConfig(**{**TINY, "method": "map"}, max_steps=2, lr=0.5), run, resume=True, progress=False)
+    assert _tree(run) == before
+    # settings that do not change the trajectory may change; the finished run stays as it was
+    train(TrainConfig(**{**TINY, "save_every": 1}, max_steps=2, lr=1e-3, eval_limit=5), run, resume=True,
+          progress=False)
+    assert _adapter(run).keys() == load_file(str(run / "adapter" / "adapter_model.safetensors")).keys()
+
+
+def test_a_user_file_is_recorded_by_absolute_path(tmp_path, monkeypatch):
+    rows = [{"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2)], "answer": 0} for i in range(8)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig(model="tiny-random-llama", dataset="data/mine.jsonl", max_steps=1, batch_size=2,
+                      save_every=0), "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["dataset"] == str(tmp_path / "data" / "mine.jsonl") == saved["train"]["dataset"]
+
+
 def test_two_processes_agree(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): DDP keeps both in sync, and the trajectory matches one
     process (the global batch is split, not duplicated)."""
@@ -180,3 +224,14 @@ def test_dtype_is_trained_in_and_kept_by_eval_and_bayesianize(tmp_path):
     del info["dtype"]
     (run_dir / "run.json").write_text(json.dumps(info))
     assert next(load_run(run_dir).model.parameters()).dtype == torch.float32
+
+
+def test_evaluating_an_unfinished_run_says_how_to_finish_it(tmp_path):
+    from bayeslora.methods import MethodError
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)  # killed after a checkpoint, before the final adapter
+    (run / "run.json").write_text(json.dumps({"model": "tiny-random-llama", "method": "mle", "format": "cloze",
+                                              "status": "training"}))
+    with pytest.raises(MethodError, match=f"did not finish.*--out {run} --resume"):
+        load_run(run)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .cli_bench import add_bench_parser
+from .io_utils import json_text
 from .cli_posthoc import add_posthoc_parsers
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -152,10 +153,10 @@ def _cmd_eval(args) -> int:
     name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
     write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")
-    print(json.dumps({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification",
+    print(json_text({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification",
                                              "mean_epistemic")}))
     print(f"wrote {out}/metrics.json, predictions.jsonl, reliability.png")
-    note = collapse_note(result)
+    note = collapse_note(result, run.method.point_mass_hint)
     if note:
         print(note, file=sys.stderr)
     return 0

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from . import metrics
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, json_text
 from .predictive import Predictive
 from .tasks.base import MCExample
 
@@ -53,15 +52,15 @@ def evaluate_examples(run, examples: list[MCExample], n_samples: int | None = No
 COLLAPSED_EPISTEMIC = 1e-3
 
 
-def collapse_note(result: dict) -> str | None:
+def collapse_note(result: dict, hint: str) -> str | None:
     """A warning when a sampled predictive has (almost) no epistemic uncertainty: its posterior is a point mass and
-    the method behaves like MLE (docs/FINDINGS.md: short schedules leave the posterior scales at their init)."""
+    the method behaves like MLE (docs/FINDINGS.md: short schedules leave the posterior scales at their init).
+    ``hint``: what to change, the method's ``point_mass_hint``."""
     if not result.get("n_samples") or result.get("mean_epistemic", 1.0) >= COLLAPSED_EPISTEMIC:
         return None
     return (f"note: mean epistemic uncertainty is {result['mean_epistemic']:.1e} nats over {result['n_samples']} "
-            "samples: the posterior is nearly a point mass, so these predictions are those of one model. A longer "
-            "schedule or a larger learning rate for the posterior scales helps (blob: --option rho_lr=..., sgp: "
-            "--option scale_lr=...); see docs/FINDINGS.md")
+            "samples: the posterior is nearly a point mass, so these predictions are those of one model. What "
+            f"helps: {hint}; see docs/FINDINGS.md")
 
 
 def prediction_rows(examples: list[MCExample], pred: Predictive) -> list[dict]:
@@ -82,8 +81,8 @@ def write_evaluation(out_dir: Path, examples: list[MCExample], pred: Predictive,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r) + "\n" for r in prediction_rows(examples, pred))
+    lines = "".join(json_text(r) + "\n" for r in prediction_rows(examples, pred))
     atomic_write_text(out_dir / "predictions.jsonl", lines)
     labels = torch.tensor([ex.label for ex in examples])
     reliability_diagram(pred.probs, labels, out_dir / "reliability.png", title=title)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json_text(result, indent=2) + "\n")

@@ -1,8 +1,11 @@
-"""Atomic file and directory writes: a reader sees the old content or the new, never half of it."""
+"""Atomic file and directory writes (a reader sees the old content or the new, never half of it), and strict
+JSON text (no NaN or Infinity, which strict JSON readers reject)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -52,3 +55,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def json_safe(value):
+    """JSON-safe copy: NaN/inf become null (strict JSON readers reject them), paths become strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """``json.dumps`` of :func:`json_safe` ``(value)``, refusing anything non-finite left (``allow_nan=False``)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)

@@ -22,13 +22,15 @@ from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples
 from .io_utils import atomic_dir, atomic_write_text
 from .methods import BayesianMethod, build_method
+from .methods.base import CHECKPOINT_DIR
 from .models import load_model, parse_dtype
-from .runs import Run, write_run_info
+from .runs import Run, read_run_info, write_run_info
 from .scoring import make_scorer
-from .tasks import load_task
+from .tasks import is_user_file, load_task
 
-CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train_log.jsonl"
+#: training settings a resumed run may change: they do not change its trajectory
+RESUME_FREE = ("data_dir", "eval_every", "eval_split", "eval_limit", "save_every")
 
 
 class TrainingError(ValueError):
@@ -89,6 +91,33 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, generator) -> int:
     return int(state["step"])
 
 
+def _check_resumable(run_dir: Path, config: TrainConfig) -> dict | None:
+    """``--resume`` continues a run that ``bayeslora train`` started in ``run_dir``, with the same settings; an empty
+    or absent ``run_dir`` starts one. Anything else is refused before a file is touched. Returns the saved
+    settings (``None``: nothing to continue)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    try:
+        saved = read_run_info(run_dir).get("train")
+    except Exception:  # noqa: BLE001  (missing or corrupted run.json: not a run we can continue)
+        saved = None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{run_dir} is not a run started by `bayeslora train` (no run.json with its training "
+                            "settings): --resume only continues such a run; choose another --out")
+    now = json.loads(json.dumps(config.to_dict()))
+    if now.get("format") == "auto":  # the saved format is the one `auto` resolved to
+        now["format"] = saved.get("format")
+    same_file = is_user_file(str(saved.get("dataset"))) and is_user_file(now["dataset"])
+    if same_file and Path(str(saved["dataset"])).resolve() == Path(now["dataset"]).resolve():
+        now["dataset"] = saved["dataset"]  # a run saved before its file was recorded by absolute path
+    differ = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_FREE and saved.get(k) != now.get(k)]
+    if differ:
+        listed = "; ".join(f"{k}: {saved.get(k)!r} saved, {now.get(k)!r} given" for k in differ)
+        raise TrainingError(f"--resume continues {run_dir} with the settings it was started with, and these differ: "
+                            f"{listed}. Pass the saved values, or choose another --out")
+    return saved
+
+
 def _micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
     size = len(indices) // grad_accum
     return [indices[i * size:(i + 1) * size][rank::world] for i in range(grad_accum)]
@@ -131,7 +160,13 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     from accelerate.utils import DistributedDataParallelKwargs
 
     run_dir = Path(out_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if is_user_file(config.dataset) and Path(config.dataset).is_file():
+        config.dataset = str(Path(config.dataset).resolve())  # run.json must find it from any directory
+    saved = _check_resumable(run_dir, config) if resume else None
+    if saved is not None:
+        config.format = saved.get("format", config.format)  # `auto` resolved as it was when the run started
+        config.dataset = saved.get("dataset", config.dataset)
+    elif not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise TrainingError(f"Output directory {run_dir} is not empty: choose another --out or pass --resume")
     method = build_method(config.method, config.method_options)
     train_set = load_task(config.dataset, "train", config.data_dir, config.source, limit=config.train_limit)

@@ -16,7 +16,6 @@ Methods never touch the global RNG: randomness comes from the ``torch.Generator`
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -30,6 +29,7 @@ from ..scoring import ChoiceScorer, EncodedBatch
 
 POSTERIOR_FILE = "posterior.safetensors"
 ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"  # training checkpoints (bayeslora.train)
 
 
 class MethodError(ValueError):
@@ -179,6 +179,8 @@ class BayesianMethod:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: post-hoc methods start from a trained adapter (``bayeslora calibrate`` / ``bayesianize``)
     posthoc: ClassVar[bool] = False
+    #: what to change when the posterior comes out a point mass (``bayeslora eval`` prints it)
+    point_mass_hint: ClassVar[str] = "a longer schedule, or the method's options that widen its posterior"
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -348,7 +350,12 @@ class BayesianMethod:
         run_dir = Path(run_dir)
         adapter_dir = run_dir / ADAPTER_DIR
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise MethodError(f"{run_dir} has no PEFT adapter ({adapter_dir}/adapter_config.json is missing)")
+            unfinished = ""
+            if (run_dir / CHECKPOINT_DIR).is_dir():
+                unfinished = (": it is a training run that did not finish; continue it with `bayeslora train` and "
+                              f"its settings (run.json, 'train') plus --out {run_dir} --resume")
+            raise MethodError(f"{run_dir} has no PEFT adapter ({adapter_dir}/adapter_config.json is missing)"
+                              + unfinished)
         try:
             model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
@@ -380,6 +387,6 @@ def read_posterior(run_dir: Path, method_name: str) -> dict[str, torch.Tensor]:
 
 
 def write_json(path: Path, obj) -> None:
-    from ..io_utils import atomic_write_text
+    from ..io_utils import atomic_write_text, json_text
 
-    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+    atomic_write_text(Path(path), json_text(obj, indent=2, default=str) + "\n")

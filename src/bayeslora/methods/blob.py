@@ -114,6 +114,7 @@ class BlobConfig(SampledConfig):
 class Blob(BayesianMethod):
     name = "blob"
     description = "BLoB: variational Gaussian LoRA A (std = rho^2), closed-form KL, batched posterior samples"
+    point_mass_hint = "a longer schedule, or a learning rate for the posterior scales: --option rho_lr=..."
     config_cls = BlobConfig
 
     def __init__(self, config: BlobConfig | None = None):

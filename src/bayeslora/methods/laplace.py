@@ -201,6 +201,8 @@ def _per_question(calls: list[tuple[torch.Tensor, torch.Tensor]], passes, n_q: i
 class Laplace(PosthocMethod):
     name = "laplace"
     description = "Laplace-LoRA: KFAC posterior around a trained adapter, tuned prior, GLM predictive (post hoc)"
+    point_mass_hint = ("its prior was tuned strong: no spread lowered the NLL of its validation questions; more of "
+                       "them (--option n_val=N) or a fixed weaker prior (--option prior_precision=P) at refit")
     config_cls = LaplaceConfig
 
     def __init__(self, config: LaplaceConfig | None = None):

@@ -212,6 +212,7 @@ class SGP(BayesianMethod):
     name = "sgp"
     description = ("Bayesian-LoRA (arXiv 2601.21003): LoRA factors of q/k/lm_head generated from inducing weights "
                    "with a Kronecker sparse-GP prior, a flow posterior and Matheron sampling")
+    point_mass_hint = "a longer schedule, or a learning rate for the posterior scales: --option scale_lr=..."
     config_cls = SGPConfig
 
     def __init__(self, config: SGPConfig | None = None):

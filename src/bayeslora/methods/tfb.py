@@ -201,6 +201,8 @@ def _gaussian_factory(name: str, linear: torch.nn.Linear) -> GaussianLoraA:
 class TFB(PosthocMethod):
     name = "tfb"
     description = "training-free Bayesianization: SVD-reparameterized LoRA, sigma fitted to validation NLL (post hoc)"
+    point_mass_hint = ("its fit chose sigma near 0: no noise lowered the NLL of its validation questions within "
+                       "max_acc_drop; more of them (--option n_val=N) or a larger --option max_acc_drop at refit")
     config_cls = TFBConfig
 
     def prepare(self, base_model, adapter):
