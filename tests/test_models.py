@@ -40,6 +40,8 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize("spec,match", [
     ("no-such-model", "Unknown model spec"),
     ("/nonexistent/file.gguf", "existing .gguf"),
+    ("/nonexistent/model", "Model directory '/nonexistent/model' does not exist"),
+    ("./models/missing", "does not exist"),
     ("random:gpt-17", "Unknown random architecture"),
     ("random:llama2-7b@0", "layer count"),
     ("random:llama2-7b@x", "layer count"),

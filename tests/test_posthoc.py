@@ -91,7 +91,12 @@ def test_bad_inputs_write_nothing(mle_run, peft_adapter, tmp_path):
     shutil.copytree(peft_adapter, bad)
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
-    with pytest.raises(PosthocError, match="does not fit the base model"):
+    with pytest.raises(PosthocError, match="does not fit the base model") as err:
+        bayesianize(bad, "temperature", out, dataset="arith", model=TINY, limit=4)
+    assert "\n" not in str(err.value) and "more lines" in str(err.value)  # PEFT lists every tensor
+    # a LoRA variant
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(PosthocError, match="LoRA variant \\(use_dora"):
         bayesianize(bad, "temperature", out, dataset="arith", model=TINY, limit=4)
     # target modules the base model does not have
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["c_attn"]}))

@@ -272,6 +272,8 @@ def load_model(spec: str | None = None, device: str | torch.device | None = None
         if not (Path(spec) / "config.json").is_file():
             raise ModelLoadError(f"Model directory {spec!r} has no config.json: not a Hugging Face model directory")
         model, tokenizer = _load_hf_dir(spec, dtype)
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # a path, not an 'org/name' hub id
+        raise ModelLoadError(f"Model directory {spec!r} does not exist (a local path; a hub id looks like 'org/name')")
     elif "/" in spec and not Path(spec).exists():
         try:
             model, tokenizer = _load_hf_dir(spec, dtype)  # hub id: transformers resolves and downloads/caches it

@@ -22,7 +22,7 @@ from .config import resolve_format
 from .io_utils import atomic_dir
 from .methods import build_method
 from .methods.posthoc_base import PosthocMethod, show_progress
-from .methods.base import ADAPTER_DIR, POSTERIOR_FILE
+from .methods.base import ADAPTER_DIR, POSTERIOR_FILE, brief_error
 from .models import load_model, parse_dtype
 from .runs import RUN_FILE, read_run_info, write_run_info
 from .scoring import make_scorer
@@ -72,6 +72,10 @@ def _adapter_summary(adapter_dir: Path) -> dict:
     cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise PosthocError(f"{adapter_dir} holds a {cfg.get('peft_type')!r} adapter; only LoRA adapters are supported")
+    unsupported = [k for k in ("use_dora", "use_rslora") if cfg.get(k)]
+    if unsupported:
+        raise PosthocError(f"{adapter_dir} holds a LoRA variant ({', '.join(unsupported)} in {ADAPTER_CONFIG}); "
+                           "only plain LoRA adapters are supported")
     targets = cfg.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets
     return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout", 0.0),
@@ -124,7 +128,7 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: Path):
         model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
         raise PosthocError(f"The adapter in {adapter_dir} does not fit the base model (check the base model spec, "
-                           f"the adapter's target modules and rank): {exc}") from exc
+                           f"the adapter's target modules and rank): {brief_error(exc)}") from exc
     try:
         with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as fh:
             saved = {k for k in fh.keys() if ".lora_" in k}

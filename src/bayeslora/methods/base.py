@@ -171,6 +171,14 @@ class SampledConfig(MethodConfig):
         return SamplePlan(chunk=self.sample_chunk, mean_prompt=self.prompt == "mean")
 
 
+def brief_error(exc: BaseException, max_lines: int = 2) -> str:
+    """An exception's message on one line: its first ``max_lines`` lines and how many more there were (PEFT's
+    size-mismatch error lists every tensor, 121 lines for a rank mismatch on SmolLM2)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    more = len(lines) - max_lines
+    return " ".join(lines[:max_lines]) + (f" (and {more} more lines)" if more > 0 else "")
+
+
 class BayesianMethod:
     """Base class. Subclasses set ``name``, ``description`` and ``config_cls`` and register themselves."""
 
@@ -359,7 +367,8 @@ class BayesianMethod:
         try:
             model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
-            raise MethodError(f"Could not load the adapter in {adapter_dir} onto the base model: {exc}") from exc
+            raise MethodError(f"Could not load the adapter in {adapter_dir} onto the base model: "
+                              f"{brief_error(exc)}") from exc
         self.load_extra_adapters(model, adapter_dir)
         self.attach(model)
         self.load_state_dict(model, read_posterior(run_dir, self.name))
