@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from .cli_bench import add_bench_parser
-from .io_utils import json_text
 from .cli_posthoc import add_posthoc_parsers
+from .io_utils import json_text
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 

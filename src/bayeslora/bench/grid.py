@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from ..io_utils import atomic_write_bytes, atomic_write_text, json_safe
+from ..io_utils import atomic_write_bytes, atomic_write_text, json_text
 from ..predictive import Predictive
 from .ood import OOD_TASKS, OOD_TRAIN_TASK, ood_auroc
 from .selective import selective_summary
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     request_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
     row = run_cell_isolated(config_from_dict(request["config"]), Cell(**request["cell"]))
-    atomic_write_text(Path(result_path), json.dumps(json_safe(row)))
+    atomic_write_text(Path(result_path), json_text(row))
     return 0
 
 
@@ -566,7 +566,7 @@ def read_cell(out: Path, cell: Cell) -> dict | None:
 
 
 def write_cell(out: Path, cell: Cell, row: dict) -> None:
-    atomic_write_text(Path(out) / CELLS_DIR / f"{cell.key}.json", json.dumps(json_safe(row), indent=2) + "\n")
+    atomic_write_text(Path(out) / CELLS_DIR / f"{cell.key}.json", json_text(row, indent=2) + "\n")
 
 
 def collect_rows(out: Path, config: GridConfig | None = None) -> list[dict]:
@@ -595,7 +595,7 @@ def write_results(out: Path) -> Path:
     rank = {m: i for i, m in enumerate(known)}  # MLE, trained, post-hoc: whichever run wrote the cells
     rows.sort(key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["dataset"], r["seed"]))
     path = Path(out) / RESULTS_FILE
-    atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json_text(r) + "\n" for r in rows))
     return path
 
 

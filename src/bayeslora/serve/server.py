@@ -27,12 +27,11 @@ def check_port_free(host: str, port: int) -> None:
     this machine, privileged): checked before the model loads, so a bad address costs no load."""
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # the family uvicorn binds with
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            sock.bind(address)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            sock.bind((host, port))
     except OSError as exc:
         raise ValueError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port or "
                          "--host") from None
