@@ -88,8 +88,10 @@ class SamplePlan:
 
     def check(self, n_samples: int, generation: bool = False) -> None:
         """A clear error when ``n_samples`` (> 0) cannot be drawn under this plan (``generation``: by the decoder)."""
-        if self.antithetic or (generation and self.linearized):
+        if self.antithetic:
             check_pairs(n_samples)
+        elif generation and self.linearized:
+            check_pairs(n_samples, "Generation under a linearized predictive (TFB's predictive=glm)")
 
 
 @dataclass
@@ -114,7 +116,7 @@ class MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise MethodError(f"Unknown option(s) for {cls.__name__}: {sorted(unknown)}; known: {sorted(known)}")
+            raise MethodError(f"Unknown option(s) {sorted(unknown)} for this method; its options: {sorted(known)}")
         return cls(**values)
 
     @classmethod
@@ -132,11 +134,10 @@ class MethodConfig:
         return SamplePlan()
 
 
-def check_pairs(n_samples: int) -> None:
+def check_pairs(n_samples: int, what: str = "The antithetic predictive") -> None:
     """An antithetic predictive draws its samples in mirrored pairs (eps, -eps): S must be even."""
     if n_samples % 2:
-        raise MethodError(f"The antithetic predictive draws samples in mirrored pairs: n_samples must be even, "
-                          f"but got {n_samples}")
+        raise MethodError(f"{what} draws samples in mirrored pairs: n_samples must be even, but got {n_samples}")
 
 
 #: ``prompt`` option: where the weight samples act (see :meth:`~bayeslora.scoring.ChoiceScorer.mean_prompt_logits`)
