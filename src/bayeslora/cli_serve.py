@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_serve_parser(sub) -> None:
@@ -17,7 +18,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
     p.add_argument("--model-name", default=None, help="model id in /v1/models (default: run dir name or model spec)")
-    p.add_argument("--samples", type=int, default=None, help="posterior samples S per request (default: method's)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="posterior samples S per request (default: the method's, at most --max-samples)")
     p.add_argument("--max-samples", type=int, default=32, help="largest S a request may ask for")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=128, help="max_tokens when a request gives none")
@@ -52,6 +54,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     check_port_free(settings.host, settings.port)
     options = dict(_parse_option(o) for o in args.option)
-    run_server(settings, InferenceService.load(args.run_dir, args.model, settings, options=options),
-               log_level=args.log_level)
+    service = InferenceService.load(args.run_dir, args.model, settings, options=options)
+    note = capped_samples_note(service)
+    if note:
+        print(note, file=sys.stderr)
+    run_server(settings, service, log_level=args.log_level)
+
+
+def capped_samples_note(service) -> str | None:
+    """A note when the server's --max-samples cuts the run's own default number of samples (Laplace: 50)."""
+    settings, default = service.settings, service.run.method.resolve_samples(None)
+    if settings.samples is not None or default <= settings.max_samples:
+        return None
+    return (f"note: serving {service.run.method.name} with S = {settings.max_samples} (--max-samples) by default; "
+            f"its own default is {default}: pass --max-samples {default} to use it")
     return 0

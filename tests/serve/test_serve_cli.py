@@ -86,3 +86,14 @@ def test_sigterm_lets_the_in_flight_request_finish():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_capped_default_sample_count_is_said(tiny_stochastic_run):
+    from bayeslora.cli_serve import capped_samples_note
+    from bayeslora.serve import InferenceService, ServeSettings
+
+    def note(**settings):
+        return capped_samples_note(InferenceService(tiny_stochastic_run, ServeSettings(**settings)))
+
+    assert "S = 2 (--max-samples)" in note(max_samples=2) and "its own default is 4" in note(max_samples=2)
+    assert note(max_samples=4) is None and note(max_samples=2, samples=2) is None
