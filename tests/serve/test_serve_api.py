@@ -143,6 +143,14 @@ def test_bad_input_gives_openai_error(http, path, body, status, param):
         assert error["param"] is not None and error["param"].startswith(param), error
 
 
+def test_every_validation_error_is_named(http):
+    error = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": -5}).json()["error"]
+    assert "(at model)" in error["message"] and "(at max_tokens)" in error["message"] and error["param"] == "model"
+    error = http.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+                      ).json()["error"]
+    assert "at character" in error["message"] and error["param"] is None and error["code"] == "json_invalid"
+
+
 def test_oversized_body_is_refused(http):
     r = http.post("/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"

@@ -39,12 +39,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
+        shown = 5
+
+        def where(error) -> str:  # the field's path; a JSON syntax error's location is a character offset
+            if error.get("type") == "json_invalid":
+                return ""
+            return ".".join(str(x) for x in error.get("loc", ()) if x != "body")
+
+        def described(error) -> str:
+            if error.get("type") == "json_invalid":
+                at = f"character {error.get('loc', ('',))[-1]}"
+            else:
+                at = where(error)
+            return error.get("msg", "Invalid request") + (f" (at {at})" if at else "")
+
+        message = "; ".join(described(e) for e in errors[:shown]) or "Invalid request"
+        if len(errors) > shown:
+            message += f"; and {len(errors) - shown} more error(s)"
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = f"{first.get('msg', 'Invalid request')}" + (f" (at {'.'.join(loc)})" if loc else "")
-        if len(errors) > 1:
-            message += f"; and {len(errors) - 1} more error(s)"
-        return error_response(400, message, "invalid_request_error", ".".join(loc) or None, first.get("type"))
+        return error_response(400, message, "invalid_request_error", where(first) or None, first.get("type"))
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError):
