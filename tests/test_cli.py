@@ -126,3 +126,10 @@ def test_point_mass_note_gives_the_method_s_own_advice():
     laplace, blob = (collapse_note(flat, get_method_class(m).point_mass_hint) for m in ("laplace", "blob"))
     assert "n_val" in laplace and "rho_lr" not in laplace
     assert "rho_lr" in blob and "n_val" not in blob
+
+
+def test_methods_lists_one_method_s_options(capsys):
+    assert main(["methods", "laplace"]) == 0
+    out = capsys.readouterr().out
+    assert "n_val            128" in out and "* link" in out and "  n_fit" in out  # * = a prediction-time option
+    assert main(["methods", "nope"]) == 2 and "Unknown method 'nope'" in capsys.readouterr().err

@@ -163,16 +163,30 @@ def _cmd_eval(args) -> int:
 
 
 def _methods_parser(sub) -> None:
-    p = sub.add_parser("methods", help="list the registered methods")
+    p = sub.add_parser("methods", help="list the registered methods, or one method's --option keys")
+    p.add_argument("name", nargs="?", default=None, help="a method: list its options, defaults and meaning")
     p.set_defaults(func=_cmd_methods)
 
 
 def _cmd_methods(args) -> int:
-    from .methods import METHODS
+    import dataclasses
 
-    width = max(len(n) for n in METHODS)
-    for name in sorted(METHODS):
-        print(f"{name:<{width}}  {METHODS[name].description}")
+    from .methods import METHODS, get_method_class
+
+    if args.name is None:
+        width = max(len(n) for n in METHODS)
+        for name in sorted(METHODS):
+            print(f"{name:<{width}}  {METHODS[name].description}")
+        return 0
+    cls = get_method_class(args.name)
+    config = cls.config_cls()
+    print(f"{cls.name}: {cls.description}")
+    print("options (--option KEY=VALUE; * = may change at eval/serve time):")
+    fields = dataclasses.fields(config)
+    width = max(len(f.name) for f in fields)
+    for f in fields:
+        mark = "*" if f.name in config.PREDICTION_OPTIONS else " "
+        print(f"  {mark} {f.name:<{width}}  {getattr(config, f.name)!r:<10}  {f.metadata.get('help', '')}")
     return 0
 
 
