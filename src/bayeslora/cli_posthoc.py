@@ -6,17 +6,17 @@ import argparse
 import json
 
 
-def _common(p: argparse.ArgumentParser, split_default: str | None) -> None:
+def _common(p: argparse.ArgumentParser, split_default: str | None, split_help: str, option_example: str) -> None:
     from .cli import _add_data_flags
 
     p.add_argument("--dataset", default=None, help="task name or file to fit on (default: the source run's task)")
     p.add_argument("--split", default=split_default, choices=["train", "validation", "test"],
-                   help="split to fit on (default: the method's: validation for temperature, train otherwise)")
+                   help=split_help)
     p.add_argument("--out", required=True, help="run directory to create (written only if the fit succeeds)")
     p.add_argument("--model", default=None, help="base model spec (required for a plain PEFT adapter without "
                    "base_model_name_or_path; overrides a run's model)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option (repeatable), e.g. --option prior=val_nll")
+                   help=f"a method option (repeatable), e.g. --option {option_example}")
     p.add_argument("--samples", type=int, default=None, help="test-time posterior samples (method default)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N questions of the fit split (a "
                    "method that also tunes on the validation split draws those at random from all of it)")
@@ -52,10 +52,11 @@ def add_posthoc_parsers(sub) -> None:
                        "`bayeslora eval` reads.")
     p.add_argument("source_dir", metavar="RUN_OR_ADAPTER_DIR", help="bayeslora run or PEFT adapter directory")
     p.add_argument("--method", required=True, help="post-hoc method: laplace, tfb or temperature")
-    _common(p, None)
+    _common(p, None, "split to fit on (default: the method's: train for laplace and tfb, validation for temperature)",
+            "prior=marglik")
     p = sub.add_parser("calibrate", help="temperature-scale a trained run",
                        description="Fit one temperature by NLL on the validation split (same code as "
                        "`bayesianize --method temperature`).")
     p.add_argument("source_dir", metavar="RUN_DIR", help="bayeslora run or PEFT adapter directory")
     p.add_argument("--method", default="temperature", choices=["temperature"], help="calibration method")
-    _common(p, "validation")
+    _common(p, "validation", "split to fit the temperature on (default: validation)", "max_iter=100")
