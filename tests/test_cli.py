@@ -31,10 +31,12 @@ def test_eval_writes_strict_json_when_a_metric_is_undefined(tmp_path, capsys):
 
     assert _train(tmp_path) == 0
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--limit", "1"]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--limit", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "predict" not in captured.err  # --no-progress
     metrics = strict((tmp_path / "run" / "eval" / "arith-ood-validation" / "metrics.json").read_text())
     assert metrics["n"] == 1 and metrics["auroc_misclassification"] is None
-    assert strict(capsys.readouterr().out.splitlines()[0])["auroc_misclassification"] is None
+    assert strict(captured.out.splitlines()[0])["auroc_misclassification"] is None
 
 
 def test_eval_sample_takes_a_fixed_random_subset(tmp_path, capsys):

@@ -117,6 +117,7 @@ def _eval_parser(sub) -> None:
                         "the same questions: the calibration grids' subsets)")
     p.add_argument("--seed", type=int, default=0, help="seed of posterior sampling")
     p.add_argument("--model", default=None, help="override the run's base model spec")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a prediction-time method option (repeatable), e.g. --option predictive=antithetic "
                         "(blob) or --option link=probit (laplace)")
@@ -145,7 +146,7 @@ def _cmd_eval(args) -> int:
     # checked before the model loads: a training-time key or a bad value fails at once
     run = load_run(args.run_dir, model_spec=args.model, options=dict(_parse_option(o) for o in args.option))
     result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
-                                     seed=args.seed, progress=True)
+                                     seed=args.seed, progress=not args.no_progress)
     subset = (f"random {len(examples)} of {available} (fixed draw)" if args.sample is not None else
               f"first {len(examples)}" if args.limit is not None else "all")
     result.update(dataset=dataset, split=args.split, questions=subset, method=run.method.name,
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):  # transformers' own bars too (loading a model's weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args) or 0
     except USER_ERRORS as exc:
