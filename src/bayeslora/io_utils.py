@@ -13,11 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umasked(mode: int) -> int:
+    """``mode`` as ``open``/``mkdir`` would create it under the process's umask (``tempfile`` creates files 0600
+    and folders 0700, which would leave a run unreadable to anyone else)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _umasked(0o666))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -42,6 +51,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(tmp, _umasked(0o777))
     try:
         yield tmp
     except BaseException:
