@@ -135,3 +135,11 @@ def test_methods_lists_one_method_s_options(capsys):
     out = capsys.readouterr().out
     assert "n_val            128" in out and "* link" in out and "  n_fit" in out  # * = a prediction-time option
     assert main(["methods", "nope"]) == 2 and "Unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.0003)" in text and "(default: 200)" in text and "(default: 0)" in text  # lr, steps, seed
+    assert "(default: None)" not in text and "(default: False)" not in text

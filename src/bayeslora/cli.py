@@ -238,8 +238,26 @@ PARSERS.append(add_bench_parser)
 PARSERS.append(add_posthoc_parsers)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default where it has one and the text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bayeslora", description="Bayesian fine-tuning of LLMs with LoRA")
+    parser = _Parser(prog="bayeslora", description="Bayesian fine-tuning of LLMs with LoRA")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
         add(sub)
