@@ -22,6 +22,10 @@ def test_train_then_eval(tmp_path, capsys):
     assert len(rows) == 12 and {"id", "probs", "label", "confidence", "epistemic", "aleatoric", "total"} <= rows[0].keys()
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert metrics["questions"] == "first 12"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--dataset", "arith-ood", "--limit", "4", "--no-progress"]) == 0
+    assert f"replacing the evaluation in {out}" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["n"] == 4
 
 
 def test_eval_writes_strict_json_when_a_metric_is_undefined(tmp_path, capsys):

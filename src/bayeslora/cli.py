@@ -153,6 +153,8 @@ def _cmd_eval(args) -> int:
                   run_dir=str(args.run_dir))
     name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
+    if (out / "metrics.json").is_file():
+        print(f"note: replacing the evaluation in {out} (--out DIR keeps both)", file=sys.stderr)
     write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")
     print(json_text({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification",
                                              "mean_epistemic")}))
