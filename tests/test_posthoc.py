@@ -74,6 +74,11 @@ def test_plain_peft_adapter_input(peft_adapter, tmp_path):
     assert run.info["source"]["kind"] == "peft" and run.info["adapter"]["r"] == 4
     probs = run.predict(_questions(3)).probs
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    # the choice limits of a data file and of /v1/choices
+    with pytest.raises(ValueError, match="Question 0: expected 2 to 10 choices"):
+        run.predict([{"question": "q", "choices": ["only"]}])
+    with pytest.raises(ValueError, match="Question 0: expected 2 to 10 choices"):
+        run.predict([{"question": "q", "choices": [str(i) for i in range(11)]}])
 
 
 def test_bad_inputs_write_nothing(mle_run, peft_adapter, tmp_path):

@@ -24,7 +24,7 @@ from .methods.base import write_json
 from .models import load_model, parse_dtype
 from .predictive import Predictive
 from .scoring import ChoiceScorer, make_scorer
-from .tasks.base import MCExample, qa_example
+from .tasks.base import MCExample, qa_example, validate_choices
 
 RUN_FILE = "run.json"
 
@@ -58,6 +58,7 @@ def _as_example(item: MCExample | dict, index: int) -> MCExample:
     except (KeyError, TypeError):
         raise ValueError(f"Question {index}: expected a dict with 'question' and 'choices', got {item!r}") from None
     label = int(item.get("answer", 0)) if isinstance(item.get("answer", 0), int) else 0
+    validate_choices(choices, label, f"Question {index}")  # the limits a data file has
     return qa_example(str(item.get("id", index)), question, choices, label)
 
 

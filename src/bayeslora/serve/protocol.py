@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..tasks.base import LETTERS
+
 # Hard caps of the schema itself; the server's configured limits (ServeSettings) are usually lower.
 MAX_TEXT_CHARS = 100_000
 MAX_STOP = 4
@@ -239,7 +241,7 @@ class ChoicesRequest(_Request):
 
     model: str | None = Field(default=None, max_length=512, description="default: the served model")
     question: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    choices: list[str] = Field(min_length=2, max_length=26)
+    choices: list[str] = Field(min_length=2, max_length=len(LETTERS))  # the limits a data file has
     context: str | None = Field(default=None, max_length=MAX_TEXT_CHARS,
                                 description="a preamble put before the question (e.g. a passage)")
     samples: int | None = Field(default=None, ge=0, description="posterior samples (default: the server's)")
