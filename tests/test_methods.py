@@ -309,6 +309,10 @@ def test_eval_warns_when_the_posterior_is_a_point_mass(tmp_path, capsys):
     assert main(["eval", str(run_dir), "--limit", "4", "--option", "prior_std=0.5"]) == 2
     err = capsys.readouterr().err
     assert "prior_std" in err and "'predictive'" in err and "cannot change on a saved run" in err
+    # an option the method does not have: the list offered is the prediction-time one, not every field
+    assert main(["eval", str(run_dir), "--limit", "4", "--option", "link=probit"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown option(s) ['link']" in err and "'predictive'" in err and "weight_decay" not in err
 
 
 def test_serve_applies_prediction_options(tmp_path):

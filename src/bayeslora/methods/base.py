@@ -122,7 +122,12 @@ class MethodConfig:
     @classmethod
     def with_prediction_options(cls, saved: dict, overrides: dict) -> MethodConfig:
         """The saved run's config with prediction-time ``overrides``; a training- or fit-time key is refused."""
-        fixed = sorted(set(overrides) & {f.name for f in dataclasses.fields(cls)} - set(cls.PREDICTION_OPTIONS))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise MethodError(f"Unknown option(s) {unknown} for this method; the options that change prediction are "
+                              f"{list(cls.PREDICTION_OPTIONS)}")
+        fixed = sorted(set(overrides) & known - set(cls.PREDICTION_OPTIONS))
         if fixed:
             raise MethodError(f"{fixed} shape(s) training or the post-hoc fit and cannot change on a saved run; "
                               f"the options that change prediction are {list(cls.PREDICTION_OPTIONS)} (retrain, or "
