@@ -33,6 +33,10 @@ def test_openai_client_chat_with_confidence(server):
     tokens = choice.logprobs.content
     assert len(tokens) == 5 and len(tokens[0].top_logprobs) == 2
     assert tokens[0].entropy > 0 and tokens[0].epistemic == 0.0
+    # a point estimate has no weight samples: asking for 4 decodes the model once and says 0
+    four = client(server).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, temperature=0,
+                                                  extra_body={"samples": 4})
+    assert four.choices[0].confidence["n_samples"] == 0 and four.choices[0].message.content == choice.message.content
 
 
 def test_openai_client_stream_matches_non_stream(server):

@@ -193,6 +193,8 @@ class BayesianMethod:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: post-hoc methods start from a trained adapter (``bayeslora calibrate`` / ``bayesianize``)
     posthoc: ClassVar[bool] = False
+    #: False for a point estimate (mle, map, temperature): S "samples" would all be the same model
+    weight_samples: ClassVar[bool] = True
     #: what to change when the posterior comes out a point mass (``bayeslora eval`` prints it)
     point_mass_hint: ClassVar[str] = "a longer schedule, or the method's options that widen its posterior"
 

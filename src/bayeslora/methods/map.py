@@ -27,4 +27,5 @@ class MAPConfig(MethodConfig):
 class MAP(BayesianMethod):
     name = "map"
     description = "LoRA MAP: maximum likelihood + weight decay as a Gaussian prior (deterministic)"
+    weight_samples = False
     config_cls = MAPConfig

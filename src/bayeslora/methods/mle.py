@@ -10,3 +10,4 @@ from .registry import register_method
 class MLE(BayesianMethod):
     name = "mle"
     description = "LoRA by maximum likelihood (deterministic baseline, no weight decay)"
+    weight_samples = False

@@ -61,6 +61,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 class Temperature(PosthocMethod):
     name = "temperature"
     description = "temperature scaling: one T fitted by NLL on validation (post hoc, on a trained adapter)"
+    weight_samples = False
     config_cls = TemperatureConfig
     fit_split = "validation"
 

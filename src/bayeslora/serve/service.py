@@ -253,8 +253,8 @@ class InferenceService:
             if getattr(req, name):
                 raise InvalidRequest(f"`{name}` is not supported by this server (only 0)", param=name)
         n_samples = self._samples(req.samples)
-        if not self.run.method.config.sample_plan().decodes:
-            n_samples = 1  # no weight samples to decode: the confidence says n_samples 0
+        if not (self.run.method.weight_samples and self.run.method.config.sample_plan().decodes):
+            n_samples = 1  # no weight samples to decode (a point estimate, or Laplace): the confidence says 0
         self._check_plan(n_samples, generation=True)
         return DecodeParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, n_samples=n_samples,
