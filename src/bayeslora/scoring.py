@@ -28,6 +28,7 @@ from enum import Enum
 
 import torch
 
+from .hf_compat import cache_kwargs, returned_cache
 from .peft_ext import row_questions
 from .tasks.base import LETTERS, MCExample
 
@@ -208,11 +209,11 @@ class ChoiceScorer:
         cut = T - W
         pre = model(input_ids=enc.input_ids[:, :cut], attention_mask=enc.attention_mask[:, :cut],
                     position_ids=position_ids(enc.attention_mask)[:, :cut], use_cache=True, logits_to_keep=1)
-        cache = pre.past_key_values
+        cache = returned_cache(pre)
         cache.reorder_cache(torch.arange(R, device=enc.input_ids.device).repeat(n_copies))
         with sampling(), row_questions(model, rep.row_map):
             out = model(input_ids=rep.input_ids[:, cut:], attention_mask=rep.attention_mask,
-                        position_ids=position_ids(rep.attention_mask)[:, cut:], past_key_values=cache,
+                        position_ids=position_ids(rep.attention_mask)[:, cut:], **cache_kwargs(model, cache),
                         use_cache=True, logits_to_keep=W)
         return self.logits_from_vocab(out.logits, rep).view(n_copies, enc.n_questions, -1)
 
@@ -348,13 +349,13 @@ class ClozeScorer(ChoiceScorer):
         with row_questions(model, None), _capture_inputs(capture) as pre_in:  # one row per question
             pre = model(input_ids=enc.prefix_ids, attention_mask=enc.prefix_mask,
                         position_ids=position_ids(enc.prefix_mask), use_cache=True, logits_to_keep=1)
-        cache = pre.past_key_values
+        cache = returned_cache(pre)
         cache.reorder_cache(enc.row_question)
         mask = torch.cat([enc.prefix_mask[enc.row_question], enc.cont_mask], dim=1)
         start = enc.prefix_mask.sum(-1)[enc.row_question, None]
         cont_pos = start + torch.arange(enc.cont_ids.shape[1], device=start.device)[None]
         with row_questions(model, enc.row_map), _capture_inputs(capture) as cont_in:
-            out = model(input_ids=enc.cont_ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
+            out = model(input_ids=enc.cont_ids, attention_mask=mask, position_ids=cont_pos, **cache_kwargs(model, cache),
                         use_cache=True, logits_to_keep=0)
 
         def align(first: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
@@ -374,14 +375,14 @@ class ClozeScorer(ChoiceScorer):
         pre_mask = enc.prefix_mask[:, :-1]
         pre = model(input_ids=enc.prefix_ids[:, :-1], attention_mask=pre_mask, position_ids=position_ids(pre_mask),
                     use_cache=True, logits_to_keep=1)
-        cache = pre.past_key_values
+        cache = returned_cache(pre)
         cache.reorder_cache(question)
         ids = torch.cat([enc.prefix_ids[question, -1:], rep.cont_ids], dim=1)  # (S * R, 1 + Tc)
         mask = torch.cat([enc.prefix_mask[question], rep.cont_mask], dim=1)
         # left padding: the context's last token sits at position (its real tokens before it) = pre_mask.sum
         pos = pre_mask.sum(-1)[question, None] + torch.arange(ids.shape[1], device=ids.device)[None]
         with sampling(), row_questions(model, rep.row_map):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                         logits_to_keep=0)
         return self.logits_from_vocab(_right_align(out.logits, rep), rep).view(n_copies, enc.n_questions, -1)
 

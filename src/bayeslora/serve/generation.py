@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..hf_compat import cache_kwargs, returned_cache
 from ..methods import SamplePlan
 from ..peft_ext import row_questions
 from ..predictive import entropy
@@ -132,8 +133,8 @@ class _Streams:
             mask = torch.ones((size, self.length + ids.shape[1]), dtype=torch.long, device=ids.device)
             with row_questions(self.model, rows) if rows is not None else contextlib.nullcontext():
                 result = self.model(input_ids=ids.expand(size, -1), attention_mask=mask,
-                                    past_key_values=self.caches[c], use_cache=True, logits_to_keep=1)
-            self.caches[c] = result.past_key_values
+                                    **cache_kwargs(self.model, self.caches[c]), use_cache=True, logits_to_keep=1)
+            self.caches[c] = returned_cache(result)
             out.append(result.logits[:, -1, :])
         self.length += ids.shape[1]
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -158,8 +159,8 @@ class _HeadStream:
             handle.remove()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        out = self.model(input_ids=ids, **cache_kwargs(self.model, self.cache), use_cache=True, logits_to_keep=1)
+        self.cache = returned_cache(out)
         return out.logits[:, -1, :].float() + self.deltas(self.h)[:, 0].float()  # (S, V)
 
 
@@ -200,7 +201,7 @@ def decode(model, method, input_ids: list[int], params: DecodeParams, generator:
     else:
         streams = _Streams(model, rows, min(plan.chunk or rows, rows), device)
         if plan.mean_prompt and ids.shape[1] > 1:  # outside the sampling context: the posterior mean
-            streams.start(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values,
+            streams.start(returned_cache(model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)),
                           ids.shape[1] - 1)
             ids = ids[:, -1:]
         sampling = (method.sampling(model, groups=None, n_groups=rows, generator=generator,
