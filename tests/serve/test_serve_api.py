@@ -61,6 +61,13 @@ def test_openai_client_completions_with_logprobs_and_seed(server):
     assert 0.0 <= a.choices[0].confidence["score"] <= 1.0
     two = c.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=2, n=2)
     assert [ch.index for ch in two.choices] == [0, 1, 2, 3]
+    one = c.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=2)
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens  # each prompt counted once, whatever n
+    streamed = list(c.completions.create(model=MODEL, prompt="1+1=", max_tokens=6, temperature=1.0, seed=7,
+                                         logprobs=2, stream=True))
+    parts = [ch.choices[0].logprobs for ch in streamed if ch.choices and ch.choices[0].logprobs]
+    assert [t for part in parts for t in part.tokens] == lp.tokens
+    assert [o for part in parts for o in part.text_offset] == lp.text_offset
     assert [m.id for m in c.models.list().data] == [MODEL]
 
 
@@ -100,8 +107,10 @@ def test_bayesian_server_auth_samples_and_epistemic(stochastic_server):
     one = c.chat.completions.create(model="tiny-bayes", messages=CHAT, max_tokens=2, extra_body={"samples": 1})
     assert one.choices[0].confidence["n_samples"] == 0 and one.choices[0].confidence["mean_epistemic"] == 0
     r = httpx.post(f"{stochastic_server}/v1/choices", json={"question": "q", "choices": ["a", "b"], "seed": 1},
-                   headers={"Authorization": "Bearer sekret"}, trust_env=False).json()
+                   headers={"Authorization": "bearer sekret"}, trust_env=False).json()  # the scheme in any case
     assert r["n_samples"] == 4 and r["uncertainty"]["epistemic"] > 0
+    r = httpx.get(f"{stochastic_server}/v1/models", headers={"Authorization": "Basic sekret"}, trust_env=False)
+    assert r.status_code == 401
 
 
 BAD_REQUESTS = [
@@ -132,6 +141,18 @@ BAD_REQUESTS = [
     ("/v1/choices", {"question": "", "choices": ["a", "b"]}, 400, "question"),
     ("/v1/choices", {"question": "q", "choices": ["a", "b"], "abstain_threshold": 1.5}, 400, "abstain_threshold"),
     ("/v1/choices", {"question": "q", "choices": ["a", "b"], "model": "other"}, 404, "model"),
+    # OpenAI features the server does not implement are refused, not ignored
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {}}}], "tool_choice": "required"}, 400, "tools"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logit_bias": {"50": 100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 100_001}]}, 400,
+     "messages.0.content"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 100_001}, 400, "prompt"),
 ]
 
 
@@ -158,6 +179,46 @@ def test_every_validation_error_is_named(http):
 def test_oversized_body_is_refused(http):
     r = http.post("/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_no_op_values_of_unsupported_features_are_accepted(http):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "tool_choice": "none", "response_format": {"type":
+            "text"}, "logit_bias": {}, "tools": []}
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    assert http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 1}
+                     ).status_code == 200
+
+
+def test_chunked_body_is_refused_unread(http):
+    def chunks():
+        yield b'{"model": "tiny-random-llama", '
+        yield b'"prompt": "x"}'
+
+    r = http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 411 and r.json()["error"]["code"] == "length_required"
+
+
+def test_model_retrieve(server):
+    c = client(server)
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4")
+
+
+def test_an_internal_error_is_a_500_and_the_connection_stays_usable(tiny_base_run, start_server, monkeypatch):
+    settings = ServeSettings(max_tokens=8)
+    service = InferenceService(tiny_base_run, settings)
+
+    def broken(req):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "choose", broken)
+    with start_server(settings, service) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as http:
+        body = {"question": "q", "choices": ["a", "b"]}
+        for _ in range(2):
+            r = http.post("/v1/choices", json=body)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert http.get("/health").status_code == 200  # same connection, still served
 
 
 def test_unknown_route_and_method_are_openai_errors(http):
@@ -193,6 +254,7 @@ def test_full_queue_answers_503(tiny_base_run, start_server):
                 service.submit(lambda: None)
             r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x"}, trust_env=False)
             assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+            assert r.headers["retry-after"] == "1"
             assert httpx.get(f"{url}/health", trust_env=False).json()["queued"] == 1
         finally:
             gate.set()

@@ -37,6 +37,14 @@ def test_step_stats_matches_hand_computation():
     assert epistemic == pytest.approx(0.0, abs=1e-6) and total == pytest.approx(aleatoric)
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-5, 0.01])
+def test_choose_token_small_temperatures_pick_the_best_token(temperature):
+    """exp(log p / T) underflowed to all zeros below T ~ 0.02 (a 500 on SmolLM2): the softmax form is stable."""
+    probs = torch.tensor([0.2, 0.35, 0.3, 0.15])
+    g = torch.Generator().manual_seed(0)
+    assert all(choose_token(probs, temperature, 1.0, g) == 1 for _ in range(10))
+
+
 def test_choose_token_greedy_and_nucleus():
     probs = torch.tensor([0.05, 0.7, 0.25])
     g = torch.Generator().manual_seed(0)
@@ -302,3 +310,14 @@ def test_a_posterior_without_weight_samples_decodes_the_adapter(tiny_stochastic_
     assert service.choose(ChoicesRequest(question="q", choices=["a", "b"])).n_samples == 2
     with pytest.raises(InvalidRequest, match="max-samples"):
         service.chat_completion(chat.model_copy(update={"samples": 4}))
+
+
+def test_a_default_sample_count_the_run_cannot_draw_is_refused_at_start(tiny_stochastic_run, planned):
+    """An odd default S under antithetic pairs used to start, then fail every request that set no `samples`
+    (blaming a parameter the client never sent)."""
+    run = planned(tiny_stochastic_run, antithetic=True)
+    with pytest.raises(ValueError, match=r"default number of samples \(3\).*mirrored pairs"):
+        InferenceService(run, ServeSettings(samples=3, max_samples=8))
+    InferenceService(run, ServeSettings(samples=4, max_samples=8))
+    with pytest.raises(ValueError, match="max_n"):
+        ServeSettings(max_n=17)

@@ -1,7 +1,9 @@
 """FastAPI routes over :class:`~.service.InferenceService`: thin handlers, state on ``app.state``, OpenAI errors.
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: request validation (including invalid
-JSON) -> 400, unknown model -> 404, missing/wrong API key -> 401, full queue or shutdown -> 503.
+JSON) -> 400, unknown model -> 404, missing/wrong API key -> 401, a body over 4 MiB -> 413, a chunked body (no
+Content-Length) -> 411, full queue or shutdown -> 503 (with ``Retry-After``), a bug -> 500. Each is an ordinary
+response: the connection stays open for the client's next request.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger("bayeslora.serve")
 
 PUBLIC_PATHS = {"/health"}
 MAX_BODY_BYTES = 4 * 1024 * 1024  # larger bodies are refused before they are read (413)
-ERROR_RESPONSES = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 503)}
+ERROR_RESPONSES = {code: {"model": P.ErrorResponse} for code in (400, 401, 404, 411, 413, 503)}
 _END = object()
 
 
@@ -61,23 +63,38 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError):
-        return error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+        response = error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+        if exc.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), type_, None, None)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):  # last resort: a bug, logged with its traceback
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", None, "internal_error")
+    # Last resort, a bug: logged with its traceback and answered 500. A middleware, not an exception handler for
+    # Exception: Starlette re-raises to the server after such a handler answers, and uvicorn then drops the
+    # connection, so the client's next request on it failed too.
+    @app.middleware("http")
+    async def _unexpected(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unexpected error on %s", request.url.path)
+            return error_response(500, f"Internal error: {type(exc).__name__}", "server_error", None,
+                                  "internal_error")
 
 
 def _install_body_limit(app: FastAPI) -> None:
     @app.middleware("http")
     async def _limit(request: Request, call_next):
-        length = request.headers.get("content-length", "0")
+        length = request.headers.get("content-length")
+        if length is None:
+            if "transfer-encoding" in request.headers:  # its size is known only once it is read: refused unread
+                return error_response(411, "A request body needs a Content-Length header (chunked bodies are not "
+                                      "accepted)", "invalid_request_error", None, "length_required")
+            length = "0"
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             return error_response(413, f"The request body must be at most {MAX_BODY_BYTES} bytes with a valid "
                                   "Content-Length", "invalid_request_error", None, "request_too_large")
@@ -87,13 +104,15 @@ def _install_body_limit(app: FastAPI) -> None:
 def _install_auth(app: FastAPI, api_key: str | None) -> None:
     if not api_key:
         return
-    expected = f"Bearer {api_key}".encode()
+    expected = api_key.encode()
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if request.url.path not in PUBLIC_PATHS:
-            given = request.headers.get("authorization", "").encode()
-            if not secrets.compare_digest(given, expected):
+            scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 7235); compare_digest always runs, so a wrong scheme takes as long
+            right_key = secrets.compare_digest(token.strip().encode(), expected)
+            if not (right_key and scheme.lower() == "bearer"):
                 return error_response(401, "Missing or invalid API key: send `Authorization: Bearer KEY`",
                                       "invalid_request_error", None, "invalid_api_key")
         return await call_next(request)
@@ -170,6 +189,10 @@ def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
     @app.get("/v1/models", response_model=P.ModelList)
     async def models(request: Request) -> P.ModelList:
         return request.app.state.service.models()
+
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard)
+    async def model(model_id: str, request: Request) -> P.ModelCard:
+        return request.app.state.service.model_card(model_id)
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):

@@ -83,8 +83,9 @@ def choose_token(probs: torch.Tensor, temperature: float, top_p: float, generato
     """Greedy (temperature 0) or nucleus sampling from ``probs ** (1 / temperature)``; ``probs`` is (V,)."""
     if temperature <= 0.0:
         return int(probs.argmax())
-    weights = torch.exp(torch.log(probs.clamp_min(1e-30)) / temperature)
-    weights = weights / weights.sum()
+    # softmax(log p / T) in float64: subtracting the largest log-weight keeps a small T from underflowing every
+    # weight to 0 (T = 0.01 did on SmolLM2: a 500)
+    weights = torch.softmax(torch.log(probs.double().clamp_min(1e-300)) / temperature, dim=0)
     if top_p < 1.0:
         sorted_w, order = weights.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the best token)

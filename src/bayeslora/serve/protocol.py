@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,9 @@ from ..tasks.base import LETTERS
 MAX_TEXT_CHARS = 100_000
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class _Request(BaseModel):
@@ -45,7 +48,7 @@ class _SamplingRequest(_Request):
     max_tokens: int | None = Field(default=None, ge=1, description="default: the server's --default-max-tokens")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0: greedy; default 1")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = Field(default=None, ge=1, le=16)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool | None = False
@@ -53,6 +56,13 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="accepted; only 0 supported")
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description="accepted; only 0 supported")
     user: str | None = None
+    # OpenAI features this server does not implement: refused (400) unless absent or at their no-op value
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
     # --- bayeslora extension (not in the OpenAI spec) ---
     samples: int | None = Field(default=None, ge=0, description="posterior samples S decoded together "
                                 "(default: the server's --samples, else the method's); 0 or 1: deterministic")
@@ -69,7 +79,7 @@ class StreamOptions(_Request):
 # ----------------------------------------------------------------------------------------------------- chat
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -86,10 +96,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] = Field(description="a prompt or a list of prompts")
+    prompt: Text | list[Text] = Field(description="a prompt or a list of prompts")
     logprobs: int | None = Field(default=None, ge=0, le=5, description="number of top logprobs per token")
     echo: bool | None = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, description="accepted; only 1 supported")
 
 
 # ------------------------------------------------------------------------------------------------ responses

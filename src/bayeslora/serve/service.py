@@ -88,6 +88,8 @@ class ServeSettings:
                 raise ValueError(f"Expected `{name}` to be a positive int, but got {value!r}")
         if self.port > 65535:
             raise ValueError(f"Expected `port` in [1, 65535], but got {self.port}")
+        if self.max_n > P.MAX_N:
+            raise ValueError(f"Expected `max_n` <= {P.MAX_N} (the largest `n` the API accepts), but got {self.max_n}")
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
         if self.samples is not None and not 0 <= self.samples <= self.max_samples:
             raise ValueError(f"Expected `samples` in [0, {self.max_samples}], but got {self.samples!r}")
@@ -135,6 +137,7 @@ class InferenceService:
         config = getattr(run.model, "config", None)
         self.max_context = self.settings.max_context or int(getattr(config, "max_position_embeddings", 2048))
         self.stop_ids = self._stop_token_ids()
+        self._check_defaults()
         self._queue: queue.Queue = queue.Queue(maxsize=self.settings.queue_size)
         self._worker: threading.Thread | None = None
         self._closing = False
@@ -204,11 +207,15 @@ class InferenceService:
         return self.run.method.name
 
     def models(self) -> P.ModelList:
+        return P.ModelList(data=[self.model_card()])
+
+    def model_card(self, name: str | None = None) -> P.ModelCard:
+        """``GET /v1/models/{name}`` (the served model under any of its names) or, without ``name``, its card."""
+        self.check_model(name)
         config = self.run.method.config
         options = {k: getattr(config, k) for k in type(config).PREDICTION_OPTIONS if k != "n_samples"}
-        card = P.ModelCard(id=self.model_id, method=self.method_name, n_samples=self._samples(None, None),
+        return P.ModelCard(id=self.model_id, method=self.method_name, n_samples=self._samples(None, None),
                            format=str(self.run.info.get("format", "")), prediction_options=options)
-        return P.ModelList(data=[card])
 
     def health(self) -> P.Health:
         return P.Health(status="draining" if self._closing else "ok", model=self.model_id, method=self.method_name,
@@ -238,8 +245,42 @@ class InferenceService:
             except MethodError as exc:
                 raise InvalidRequest(str(exc), param="samples") from None
 
+    def _check_defaults(self) -> None:
+        """The server's default number of samples must be one this run can draw, for generation and for
+        ``/v1/choices``; otherwise every request that does not set ``samples`` would fail (a :class:`ValueError`
+        at start-up instead)."""
+        n = self._samples(None, param=None)
+        try:
+            self._check_plan(self._decoded_samples(n), generation=True)
+            self._check_plan(n, generation=False)
+        except InvalidRequest as exc:
+            raise ValueError(f"The server's default number of samples ({n}) does not suit this run: {exc}; pass "
+                             "--samples with a count it can draw") from None
+
+    def _decoded_samples(self, n: int) -> int:
+        """Rows decoded for ``n`` samples: 1 where there are no weight samples to decode (a point estimate, or
+        Laplace; the confidence then says 0)."""
+        return n if self.run.method.weight_samples and self.run.method.config.sample_plan().decodes else 1
+
+    @staticmethod
+    def _refuse_unsupported(req: P._SamplingRequest) -> None:
+        """OpenAI features that would change the answer and that this server does not implement: a 400 naming
+        them, not a plain-text reply that ignores them."""
+        unsupported = {
+            "tools": bool(req.tools) or bool(req.functions),
+            "tool_choice": req.tool_choice not in (None, "none", "auto") or req.function_call not in (None, "none",
+                                                                                                       "auto"),
+            "response_format": req.response_format is not None and req.response_format.get("type", "text") != "text",
+            "logit_bias": bool(req.logit_bias),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise InvalidRequest(f"`{name}` is not supported by this server (no tool calls, JSON mode or logit "
+                                     "bias; plain text generation only)", param=name)
+
     def _decode_params(self, req: P._SamplingRequest, max_tokens: int | None, top_logprobs: int) -> DecodeParams:
         s = self.settings
+        self._refuse_unsupported(req)
         max_tokens = s.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens > s.max_tokens:
             raise InvalidRequest(f"Expected `max_tokens` <= {s.max_tokens} (the server's limit), but got {max_tokens}",
@@ -252,9 +293,7 @@ class InferenceService:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise InvalidRequest(f"`{name}` is not supported by this server (only 0)", param=name)
-        n_samples = self._samples(req.samples)
-        if not (self.run.method.weight_samples and self.run.method.config.sample_plan().decodes):
-            n_samples = 1  # no weight samples to decode (a point estimate, or Laplace): the confidence says 0
+        n_samples = self._decoded_samples(self._samples(req.samples))
         self._check_plan(n_samples, generation=True)
         return DecodeParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                             top_p=1.0 if req.top_p is None else req.top_p, n_samples=n_samples,
@@ -351,6 +390,8 @@ class InferenceService:
         """``POST /v1/chat/completions``; with ``emit``, streams :class:`~.protocol.ChatCompletionChunk` s to it."""
         self.check_model(req.model)
         want_logprobs = bool(req.logprobs)
+        if req.top_logprobs and not want_logprobs:
+            raise InvalidRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
         params = self._decode_params(req, req.max_completion_tokens or req.max_tokens,
                                      (req.top_logprobs or 0) if want_logprobs else 0)
         prompt = self.chat_prompt(req.messages)
@@ -393,6 +434,8 @@ class InferenceService:
             raise InvalidRequest("`suffix` is not supported by this server", param="suffix")
         if req.echo and req.logprobs is not None:
             raise InvalidRequest("`echo` together with `logprobs` is not supported by this server", param="echo")
+        if (req.best_of or 1) > 1:
+            raise InvalidRequest("`best_of` is not supported by this server (only 1)", param="best_of")
         params = self._decode_params(req, req.max_tokens, req.logprobs or 0)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not 1 <= len(prompts) <= self.settings.max_n:
@@ -406,7 +449,7 @@ class InferenceService:
             self._check_length(ids, params, "prompt")
         generator = self._generator(req.seed)
         response = P.CompletionResponse(model=self.model_id, choices=[])
-        usage = P.Usage(prompt_tokens=sum(len(i) for i in encoded) * (req.n or 1), completion_tokens=0,
+        usage = P.Usage(prompt_tokens=sum(len(i) for i in encoded), completion_tokens=0,  # each prompt once
                         total_tokens=0)
         def chunk(choice: P.CompletionChoice | None, usage: P.Usage | None = None) -> P.CompletionResponse:
             return P.CompletionResponse(id=response.id, created=response.created, model=self.model_id,
@@ -420,9 +463,15 @@ class InferenceService:
                     if req.echo:
                         emit(chunk(P.CompletionChoice(index=index, text=text, finish_reason=None)))
 
-                    def on_delta(delta, step, index=index):
-                        if delta:
-                            emit(chunk(P.CompletionChoice(index=index, text=delta, finish_reason=None)))
+                    offset = [len(text) if req.echo else 0]  # text_offset of the next streamed token
+
+                    def on_delta(delta, step, index=index, offset=offset):
+                        lp = None
+                        if req.logprobs is not None and step is not None:
+                            lp = self._completion_logprobs([step], offset[0])
+                            offset[0] += len(lp.tokens[0])
+                        if delta or lp:
+                            emit(chunk(P.CompletionChoice(index=index, text=delta, finish_reason=None, logprobs=lp)))
                 out = self._generate(ids, params, req.stop_list(), generator, on_delta, cancelled)
                 usage.completion_tokens += len(out.steps)
                 response.choices.append(P.CompletionChoice(
@@ -438,9 +487,8 @@ class InferenceService:
             emit(chunk(None, usage))
         return response
 
-    def _completion_logprobs(self, steps: list[TokenStep]) -> P.CompletionLogprobs:
+    def _completion_logprobs(self, steps: list[TokenStep], offset: int = 0) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
-        offset = 0
         for step in steps:
             text = self._token_text(step.token_id)
             out.tokens.append(text)
