@@ -79,3 +79,17 @@ def test_edge_cases():
 def test_validation(probs, labels, match):
     with pytest.raises(ValueError, match=match):
         metrics.summary(probs, labels)
+
+
+def test_inputs_that_are_not_probabilities_are_refused():
+    import math
+
+    from bayeslora.metrics import auroc, summary
+
+    with pytest.raises(ValueError, match="sum to 1"):
+        summary(torch.tensor([[0.2, 0.2], [0.1, 0.1]]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        summary(torch.tensor([[0.7, 0.3]]), torch.tensor([0.9]))
+    with pytest.raises(ValueError, match="finite"):
+        auroc([float("nan"), 0.2, 0.3], [True, False, True])
+    assert math.isclose(summary(torch.tensor([[0.7, 0.3]]), torch.tensor([0.0]))["acc"], 1.0)  # 0.0 is a label

@@ -130,3 +130,26 @@ def test_unknown_dataset_and_missing_data_dir(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="BAYESLORA_DATA"):
         load_task("arc-e", "train")
     assert "arith" in TASKS and "wg-m" in TASKS
+
+
+def test_csv_numbers_are_indices_even_where_a_choice_reads_the_same(tmp_path):
+    """A CSV answer cell is a letter or a 0-based index (every cell is a string); "1" is the second choice even when
+    a choice's text is "1". In JSONL a string answer that is a choice's text stays that choice."""
+    c = tmp_path / "num.csv"
+    c.write_text("Which number?,1,2,3,1\nAnd now?,0,1,2,B\n")
+    assert [e.label for e in load_task(c)] == [1, 1]
+    j = tmp_path / "num.jsonl"
+    j.write_text('{"question": "q", "choices": ["1", "2", "3"], "answer": "1"}\n')
+    assert [e.label for e in load_task(j)] == [0]
+
+
+def test_user_files_encoding_paths_and_limit(tmp_path):
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffWhat is it?,a,b,A\n".encode("utf-8"))
+    assert load_task(bom)[0].prompt.startswith("Question: What is it?")  # pathlib.Path accepted, BOM dropped
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("ok,a,b,A\nCaf\xe9?,a,b,A\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=rf"{latin}:2: not UTF-8"):
+        load_task(latin)
+    with pytest.raises(DatasetError, match="positive int"):
+        load_task("arith", "validation", limit=-1)

@@ -7,6 +7,7 @@ from .evaluate import evaluate_examples, predict_examples
 from .methods import METHODS, AdapterConfig, BayesianMethod, build_method, register_method
 from .metrics import summary as calibration_summary
 from .models import load_model
+from .posthoc import bayesianize
 from .predictive import Predictive
 from .runs import Run, load_run
 from .tasks import MCExample, load_task
@@ -15,5 +16,5 @@ from .train import train
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "AdapterConfig", "BayesianMethod", "MCExample", "Predictive", "Run", "TrainConfig",
-           "build_method", "calibration_summary", "evaluate_examples", "load_model", "load_run", "load_task",
+           "bayesianize", "build_method", "calibration_summary", "evaluate_examples", "load_model", "load_run", "load_task",
            "predict_examples", "register_method", "train"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
 
+from .fieldtypes import check_field_types
 from .methods.base import AdapterConfig
 from .models import DEFAULT_MODEL, DTYPES, TINY_MODEL, resolve_spec
 from .scoring import ChoiceFormat
@@ -23,7 +25,11 @@ def resolve_format(fmt: str, model_spec: str, model: torch.nn.Module | None = No
     """``letter`` / ``cloze`` as given; ``auto``: cloze for a ``model`` under :data:`CLOZE_MAX_PARAMS` parameters
     (without the model: for the built-in small specs only)."""
     if fmt != "auto":
-        return ChoiceFormat(fmt).value
+        try:
+            return ChoiceFormat(fmt).value
+        except ValueError:
+            raise ConfigError(f"Expected `format` to be one of {[f.value for f in ChoiceFormat] + ['auto']}, but got "
+                              f"{fmt!r}") from None
     if model is not None:
         small = sum(p.numel() for p in model.parameters()) < CLOZE_MAX_PARAMS
     else:
@@ -37,6 +43,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """Everything :func:`bayeslora.train` needs, with the CLI's defaults (``bayeslora train --help``); each field's
+    ``metadata['help']`` says what it does. Checked on creation: a value of the wrong type or out of range is a
+    :class:`ConfigError` naming the field. Written resolved to the run's ``run.json``."""
+
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec (see bayeslora.models)"})
     dataset: str = field(default="arith", metadata={"help": "task name or user .jsonl/.csv file"})
     method: str = field(default="mle", metadata={"help": "registered method (bayeslora methods)"})
@@ -63,8 +73,14 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order, initialization and sampling"})
 
     def __post_init__(self):
+        for name in ("dataset", "data_dir"):  # a pathlib.Path is as good as its string
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_field_types(self, ConfigError)
         if isinstance(self.adapter, dict):
             self.adapter = AdapterConfig(**self.adapter)
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"Expected `method_options` to be a dict, but got {self.method_options!r}")
         if self.format != "auto":  # auto is resolved by the training loop, which has the model
             self.format = resolve_format(self.format, self.model)
         if self.dtype not in DTYPES:
@@ -79,6 +95,8 @@ class TrainConfig:
             raise ConfigError("Set a positive `max_steps`, or `max_steps` 0 and a positive `epochs`")
         if not self.lr > 0:
             raise ConfigError(f"Expected `lr` > 0, but got {self.lr!r}")
+        if not self.max_grad_norm >= 0:
+            raise ConfigError(f"Expected `max_grad_norm` >= 0 (0: no clipping), but got {self.max_grad_norm!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"Expected `warmup_ratio` in [0, 1), but got {self.warmup_ratio!r}")
 

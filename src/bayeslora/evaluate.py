@@ -11,15 +11,18 @@ from . import metrics
 from .io_utils import atomic_write_text, json_text
 from .predictive import Predictive
 from .tasks.base import MCExample
+from .tasks.user import as_examples
 
 
-def predict_examples(run, examples: list[MCExample], n_samples: int | None = None, batch_size: int = 8,
+def predict_examples(run, examples: list[MCExample | dict], n_samples: int | None = None, batch_size: int = 8,
                      seed: int = 0, progress: bool = False) -> Predictive:
-    """Batched predictive of ``run`` over ``examples``; ``C`` is the largest choice count among them.
+    """Batched predictive of ``run`` over ``examples`` (:class:`MCExample` or dicts as in a JSONL data file, see
+    :meth:`~bayeslora.runs.Run.predict`); ``C`` is the largest choice count among them.
 
     Each batch is scored with its own largest choice count and padded to ``C`` afterwards (probability 0): a
     Jacobian-based predictive (Laplace, TFB's linearized one) pays one backward per choice, and ARC's few 5-choice
     questions would otherwise make every batch pay five (1.3-1.4x the Jacobian time on the CPU; FINDINGS 28)."""
+    examples = as_examples(examples, require_answer=False)
     if not examples:
         raise ValueError("Expected at least one example to predict")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -37,8 +40,17 @@ def predict_examples(run, examples: list[MCExample], n_samples: int | None = Non
     return Predictive.cat(parts)
 
 
-def evaluate_examples(run, examples: list[MCExample], n_samples: int | None = None, batch_size: int = 8,
+def evaluate_examples(run, examples: list[MCExample | dict], n_samples: int | None = None, batch_size: int = 8,
                       seed: int = 0, progress: bool = False) -> tuple[dict, Predictive]:
+    """Metrics and predictive of ``run`` on labelled ``examples`` (from :func:`~bayeslora.tasks.load_task`, or dicts
+    as in a JSONL data file, each with its ``"answer"``).
+
+    Returns ``(metrics, predictive)``: ``metrics`` holds ``acc``, ``ece`` (15 bins, in percent), ``nll``,
+    ``brier``, ``auroc_misclassification`` and more (:func:`bayeslora.metrics.summary`), plus ``n_samples``,
+    ``mean_epistemic``, ``mean_total`` and ``eval_time_s``. ``n_samples``: posterior samples (default: the run's
+    own); ``seed``: their draws.
+    """
+    examples = as_examples(examples, require_answer=True)
     t0 = time.perf_counter()
     pred = predict_examples(run, examples, n_samples, batch_size, seed, progress)
     labels = torch.tensor([ex.label for ex in examples])

@@ -16,7 +16,10 @@ _EPS = 1e-12
 
 def _check(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.as_tensor(probs, dtype=torch.float64)
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    raw = torch.as_tensor(labels)
+    if raw.is_floating_point() and not (torch.isfinite(raw).all() and (raw == raw.round()).all()):
+        raise ValueError("Expected `labels` to be integer class indices, but got fractional or non-finite values")
+    labels = raw.to(torch.long)
     if probs.ndim != 2:
         raise ValueError(f"Expected `probs` of shape (N, C), but got shape {tuple(probs.shape)}")
     if labels.shape != probs.shape[:1]:
@@ -25,6 +28,10 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
         raise ValueError("Expected at least one example, but got N = 0")
     if not torch.isfinite(probs).all() or (probs < 0).any() or (probs > 1 + 1e-6).any():
         raise ValueError("Expected `probs` to hold finite values in [0, 1]")
+    worst = (probs.sum(-1) - 1).abs().max().item()
+    if worst > 1e-3:
+        raise ValueError(f"Expected each row of `probs` to sum to 1 (probabilities, not logits or scores), but a row "
+                         f"is off by {worst:.3g}")
     if (labels < 0).any() or (labels >= probs.shape[1]).any():
         raise ValueError(f"Expected `labels` in [0, {probs.shape[1]}), but got values outside")
     return probs, labels
@@ -83,6 +90,8 @@ def auroc(scores, positives) -> float:
     positives = torch.as_tensor(positives, dtype=torch.bool).flatten()
     if scores.shape != positives.shape:
         raise ValueError(f"Expected `scores` and `positives` of the same length, got {scores.shape} and {positives.shape}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("Expected finite `scores`, but got NaN or inf")
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")

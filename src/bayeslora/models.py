@@ -191,20 +191,21 @@ def build_tiny_llama(seed: int = 0, vocab_size: int | None = None):
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    with _seeded(seed):
+    with global_rng_kept(seed):
         model = LlamaForCausalLM(config)
     return model, tokenizer
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    """Model init uses the global RNG: seed it for the block, then restore it so callers are unaffected."""
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+def global_rng_kept(seed: int | None = None):
+    """Inside: the global torch RNG (CPU, and every CUDA device where CUDA is available), seeded with ``seed`` if
+    given; after: its state as before, so a caller's own random draws are unaffected. Model and PEFT adapter
+    initialization draw from it."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
         yield
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 RANDOM_PREFIX = "random:"
@@ -242,7 +243,7 @@ def build_random_model(spec: str, device: torch.device, dtype: torch.dtype, seed
     from transformers import LlamaForCausalLM
 
     config, tokenizer = random_config(spec)
-    with _seeded(seed), torch.device(device):
+    with global_rng_kept(seed), torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model, tokenizer
 
@@ -252,10 +253,37 @@ def resolve_spec(spec: str | None) -> str:
 
 
 def load_model(spec: str | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load ``spec`` (see module docstring) and return model (eval mode) + left-padding tokenizer."""
+               dtype: torch.dtype | None = None, progress: bool = True) -> LoadedModel:
+    """Load ``spec`` (see module docstring) and return model (eval mode) + left-padding tokenizer.
+
+    ``progress=False`` hides transformers' weight-loading bar for this call."""
+    with _loading_bar(progress):
+        return _load_model(spec, device, dtype)
+
+
+@contextlib.contextmanager
+def _loading_bar(show: bool):
+    from transformers.utils import logging as hf_logging
+
+    hide = not show and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(spec: str | None, device, dtype: torch.dtype | None) -> LoadedModel:
     spec = resolve_spec(spec)
-    device = torch.device(device) if device is not None else default_device()
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"Expected a torch device such as 'cpu' or 'cuda', but got {device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"Device {str(device)!r} asked for, but this torch build or machine has no CUDA; use "
+                             "'cpu'")
     dtype = dtype or default_dtype(device)
     if spec == TINY_MODEL:
         model, tokenizer = build_tiny_llama()

@@ -1,4 +1,8 @@
-"""Plots (matplotlib, imported lazily and rendered off-screen)."""
+"""Plots (matplotlib, imported lazily and rendered off-screen).
+
+Figures are ``matplotlib.figure.Figure`` objects rendered straight to a file: pyplot and its global backend are
+never touched, so a notebook's inline plots and a script's own backend keep working. The file's suffix picks the
+format (``.png``, ``.pdf`` or ``.svg``)."""
 
 from __future__ import annotations
 
@@ -10,27 +14,34 @@ from .io_utils import atomic_write_bytes
 from .metrics import ECE_BINS, calibration_bins, ece
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+FORMATS = ("png", "pdf", "svg")
 
 
-def _save(fig, path: Path) -> None:
+def figure(**subplots):
+    """``(fig, axes)``: a new off-screen figure and ``fig.subplots(**subplots)`` (``figsize`` goes to the figure)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=subplots.pop("figsize", None))
+    return fig, fig.subplots(**subplots)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` atomically in the format of ``path``'s suffix (one of :data:`FORMATS`)."""
     import io
 
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"Expected a plot file ending in {', '.join('.' + f for f in FORMATS)}, but got {str(path)!r}")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    fig.savefig(buf, format=fmt, dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path: Path, title: str = "",
                         n_bins: int = ECE_BINS) -> Path:
     """Accuracy vs confidence per bin (bars), the diagonal, the gap, and a histogram of confidences."""
-    plt = _pyplot()
     bins = calibration_bins(probs, labels, n_bins)
     edges = bins["edges"].numpy()
     width = edges[1] - edges[0]
@@ -39,7 +50,7 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path: Path, t
     acc = bins["accuracy"].numpy()
     conf = bins["confidence"].numpy()
     filled = count > 0
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hist) = figure(nrows=2, ncols=1, figsize=(4.6, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(centers[filled], acc[filled], width=width * 0.95, color="#4C72B0", edgecolor="black", label="accuracy")
     # the gap spans accuracy..confidence: above the bar where over-confident, inside it where under-confident
     # (two colours, so an under-confident bin does not read as a taller accuracy bar)
@@ -61,6 +72,4 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path: Path, t
     hist.set_ylabel("count")
     hist.set_xlim(0, 1)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

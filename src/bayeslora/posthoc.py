@@ -12,6 +12,7 @@ at ``out`` unless the fit succeeded.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ from .io_utils import atomic_dir
 from .methods import build_method
 from .methods.posthoc_base import PosthocMethod, show_progress
 from .methods.base import ADAPTER_DIR, POSTERIOR_FILE, brief_error
-from .models import load_model, parse_dtype
+from .models import global_rng_kept, load_model, parse_dtype
+from .peft_ext import peft_quietly
 from .runs import RUN_FILE, read_run_info, write_run_info
 from .scoring import make_scorer
-from .tasks import load_task
+from .tasks import is_user_file, load_task
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,7 +127,8 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: Path):
     from safetensors import safe_open
 
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+        with global_rng_kept(), peft_quietly():  # PEFT initializes the LoRA weights before the saved ones replace them
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
         raise PosthocError(f"The adapter in {adapter_dir} does not fit the base model (check the base model spec, "
                            f"the adapter's target modules and rank): {brief_error(exc)}") from exc
@@ -175,8 +178,11 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     dataset = dataset or src.dataset
     if not dataset:
         raise PosthocError("No fit dataset: pass --dataset (a plain PEFT adapter does not say what it was trained on)")
+    dataset = os.fspath(dataset)
+    if is_user_file(dataset) and Path(dataset).is_file():
+        dataset = str(Path(dataset).resolve())  # run.json must find it from any directory
     split, examples = _fit_examples(meth, dataset, split, data_dir, limit)
-    loaded = load_model(src.model, dtype=parse_dtype(src.dtype))
+    loaded = load_model(src.model, dtype=parse_dtype(src.dtype), progress=progress)
     peft_model = load_adapter(loaded.model, src.adapter_dir)
     peft_model.eval()
     fmt = resolve_format(src.format, src.model, loaded.model)

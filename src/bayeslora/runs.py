@@ -21,10 +21,11 @@ import torch
 
 from .methods import BayesianMethod, MethodError, build_method, get_method_class
 from .methods.base import write_json
-from .models import load_model, parse_dtype
+from .models import global_rng_kept, load_model, parse_dtype
 from .predictive import Predictive
 from .scoring import ChoiceScorer, make_scorer
-from .tasks.base import MCExample, qa_example, validate_choices
+from .tasks.base import MCExample
+from .tasks.user import as_examples
 
 RUN_FILE = "run.json"
 
@@ -42,24 +43,13 @@ class Run:
 
     def predict(self, examples: list[MCExample | dict], n_samples: int | None = None, batch_size: int = 8,
                 seed: int = 0, progress: bool = False) -> Predictive:
-        """Predictive for questions given as :class:`MCExample` or ``{"question", "choices"}`` dicts."""
+        """Predictive for a list of questions, each an :class:`MCExample` or a dict as in a JSONL data file,
+        ``{"question": str, "choices": [str, ...]}`` (``"answer"`` and ``"id"`` optional; see
+        :mod:`bayeslora.tasks.user`). A malformed question is a :class:`~bayeslora.tasks.DatasetError` naming it."""
         from .evaluate import predict_examples
 
-        examples = [_as_example(e, i) for i, e in enumerate(examples)]
-        return predict_examples(self, examples, n_samples=n_samples, batch_size=batch_size, seed=seed,
-                                progress=progress)
-
-
-def _as_example(item: MCExample | dict, index: int) -> MCExample:
-    if isinstance(item, MCExample):
-        return item
-    try:
-        question, choices = item["question"], list(item["choices"])
-    except (KeyError, TypeError):
-        raise ValueError(f"Question {index}: expected a dict with 'question' and 'choices', got {item!r}") from None
-    label = int(item.get("answer", 0)) if isinstance(item.get("answer", 0), int) else 0
-    validate_choices(choices, label, f"Question {index}")  # the limits a data file has
-    return qa_example(str(item.get("id", index)), question, choices, label)
+        return predict_examples(self, as_examples(examples, require_answer=False), n_samples=n_samples,
+                                batch_size=batch_size, seed=seed, progress=progress)
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
@@ -68,6 +58,8 @@ def write_run_info(run_dir: Path, info: dict) -> None:
 
 def read_run_info(run_dir: str | Path) -> dict:
     path = Path(run_dir) / RUN_FILE
+    if Path(run_dir).is_file():
+        raise MethodError(f"{run_dir} is a file; expected a run directory (the folder that holds {RUN_FILE})")
     if not Path(run_dir).is_dir():
         raise MethodError(f"Run directory {run_dir} does not exist")
     if not path.is_file():
@@ -97,7 +89,8 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, mode
     method = build_method(info["method"], saved)
     # the dtype the run was trained or fitted in (older runs: the device's default)
     loaded = load_model(model_spec or info["model"], device=device, dtype=parse_dtype(info.get("dtype")))
-    model = method.load(loaded.model, run_dir)
+    with global_rng_kept():  # PEFT initializes the adapter before the saved weights replace it
+        model = method.load(loaded.model, run_dir)
     model.eval()
     scorer = make_scorer(info["format"], loaded.tokenizer, max_length=int(info.get("max_length", 256)))
     return Run(model=model, tokenizer=loaded.tokenizer, method=method, scorer=scorer, info=info, path=run_dir)

@@ -92,6 +92,13 @@ class EncodedBatch:
         empty = torch.zeros((0, 0), dtype=torch.long, device=self.input_ids.device)
         return replace(self, prefix_ids=empty, prefix_mask=empty, cont_ids=empty, cont_mask=empty)
 
+    def for_autograd(self) -> EncodedBatch:
+        """The batch with tensors made under ``torch.inference_mode()`` cloned into normal ones (call it where
+        autograd is on): a differentiated pass may save one of them (an index) for its backward."""
+        if not any(getattr(self, f.name).is_inference() for f in fields(self)):
+            return self
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def to(self, device: torch.device | str) -> EncodedBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 

@@ -9,6 +9,7 @@ from the last one, bit for bit on CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,10 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples
-from .io_utils import atomic_dir, atomic_write_text
-from .methods import BayesianMethod, build_method
+from .io_utils import atomic_dir, atomic_write_text, json_text
+from .methods import BayesianMethod, build_method, get_method_class
 from .methods.base import CHECKPOINT_DIR
-from .models import load_model, parse_dtype
+from .methods.posthoc_base import PosthocMethod
+from .models import global_rng_kept, load_model, parse_dtype
 from .runs import Run, read_run_info, write_run_info
 from .scoring import make_scorer
 from .tasks import is_user_file, load_task
@@ -125,7 +127,7 @@ def _micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -
 
 def _log(run_dir: Path, record: dict) -> None:
     with (run_dir / LOG_FILE).open("a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json_text(record) + "\n")  # strict JSON: a NaN metric (AUROC of an all-correct batch) is null
 
 
 def _truncate_log(run_dir: Path, step: int) -> None:
@@ -155,11 +157,28 @@ def _save_final(run_dir: Path, method: BayesianMethod, model, info: dict, tokeni
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Fine-tune ``config.model`` with ``config.method`` on ``config.dataset``; returns the run directory."""
+    """Fine-tune ``config.model`` with ``config.method`` on ``config.dataset``; returns the run directory.
+
+    ``config`` is not changed (``run.json`` holds the resolved copy: the format ``auto`` chose, the data file's
+    absolute path), and the global torch RNG is as it was before the call (PEFT's initialization and MC-dropout
+    draw from it, seeded with ``config.seed``). A post-hoc method (Laplace, TFB, temperature scaling) is refused:
+    it is fitted to a trained run by :func:`bayeslora.posthoc.bayesianize`.
+    """
+    config = copy.deepcopy(config)
+    cls = get_method_class(config.method)
+    if issubclass(cls, PosthocMethod):
+        raise TrainingError(
+            f"Method {config.method!r} is fitted post hoc to a trained adapter, not trained: train an mle or map run, "
+            f"then `bayeslora {'calibrate' if config.method == 'temperature' else 'bayesianize'} RUN_DIR --method "
+            f"{config.method} --out DIR` (Python: bayeslora.posthoc.bayesianize(RUN_DIR, {config.method!r}, DIR))")
+    with global_rng_kept():
+        return _train(config, Path(out_dir), resume, progress)
+
+
+def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    run_dir = Path(out_dir)
     if is_user_file(config.dataset) and Path(config.dataset).is_file():
         config.dataset = str(Path(config.dataset).resolve())  # run.json must find it from any directory
     saved = _check_resumable(run_dir, config) if resume else None
@@ -177,7 +196,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
         raise TrainingError(f"The micro-batch ({config.batch_size // config.grad_accum}) must split evenly over "
                             f"{world} processes")
     torch.manual_seed(config.seed)  # PEFT initializes LoRA with the global RNG: same init on every process
-    loaded = load_model(config.model, device=accelerator.device, dtype=parse_dtype(config.dtype))
+    loaded = load_model(config.model, device=accelerator.device, dtype=parse_dtype(config.dtype), progress=progress)
     model = method.prepare(loaded.model, config.adapter)
     config.format = resolve_format(config.format, config.model, loaded.model)
     scorer = make_scorer(config.format, loaded.tokenizer, config.max_length)

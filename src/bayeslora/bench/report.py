@@ -183,11 +183,10 @@ def _pooled(out: Path, rows: list[dict], method: str, dataset: str, split: str) 
 
 def risk_coverage_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, title: str = "") -> Path:
     """One risk-coverage curve per method: ``curves[name] = (confidence (N,), correct (N,))``."""
-    from ..plots import _pyplot, _save
+    from ..plots import figure, save_figure
     from .selective import aurc
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    fig, ax = figure(figsize=(4.8, 3.6))
     for name, (conf, correct) in curves.items():
         cov, risk = risk_coverage(conf, correct)
         ax.plot(cov.numpy(), risk.numpy(), label=f"{name} (AURC {aurc(conf, correct):.3f})", linewidth=1.4)
@@ -199,9 +198,7 @@ def risk_coverage_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], pat
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def make_figures(out: Path, rows: list[dict], split: str = "validation") -> list[Path]:

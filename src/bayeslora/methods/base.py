@@ -23,7 +23,8 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..peft_ext import posterior_state, sample_groups, stochastic_layers
+from ..fieldtypes import check_field_types
+from ..peft_ext import peft_quietly, posterior_state, sample_groups, stochastic_layers
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 
@@ -47,6 +48,7 @@ class AdapterConfig:
                                       metadata={"help": "module names that get LoRA"})
 
     def __post_init__(self):
+        check_field_types(self, MethodError, "LoRA ")
         if not isinstance(self.r, int) or self.r < 1:
             raise MethodError(f"Expected LoRA rank `r` to be a positive int, but got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -105,6 +107,7 @@ class MethodConfig:
     PREDICTION_OPTIONS: ClassVar[tuple[str, ...]] = ("n_samples",)
 
     def __post_init__(self):
+        check_field_types(self, MethodError)
         if not isinstance(self.n_samples, int) or self.n_samples < 0:
             raise MethodError(f"Expected `n_samples` to be a non-negative int, but got {self.n_samples!r}")
 
@@ -208,7 +211,8 @@ class BayesianMethod:
         """Inject the adapter(s); return the PEFT model with only adapter/posterior parameters trainable."""
         from peft import get_peft_model
 
-        return get_peft_model(base_model, adapter.lora_config())
+        with peft_quietly():
+            return get_peft_model(base_model, adapter.lora_config())
 
     def param_groups(self, model) -> list[dict]:
         """Optimizer parameter groups (default: all trainable parameters with the config's weight decay)."""
@@ -373,7 +377,8 @@ class BayesianMethod:
             raise MethodError(f"{run_dir} has no PEFT adapter ({adapter_dir}/adapter_config.json is missing)"
                               + unfinished)
         try:
-            model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
+            with peft_quietly():
+                model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
             raise MethodError(f"Could not load the adapter in {adapter_dir} onto the base model: "
                               f"{brief_error(exc)}") from exc

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..peft_ext import adapter_rows
+from ..peft_ext import adapter_rows, peft_quietly
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
 from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError, SamplePlan
@@ -59,7 +59,8 @@ class Ensemble(BayesianMethod):
     def prepare(self, base_model, adapter: AdapterConfig):
         model = super().prepare(base_model, adapter)
         for name in self.members[1:]:
-            model.add_adapter(name, adapter.lora_config())
+            with peft_quietly():
+                model.add_adapter(name, adapter.lora_config())
         for pname, param in model.named_parameters():  # PEFT freezes inactive adapters; all members train
             if any(f".{name}." in pname for name in self.members):
                 param.requires_grad_(True)
@@ -118,6 +119,7 @@ class Ensemble(BayesianMethod):
                 raise MethodError(f"Ensemble member {name!r} is missing: {path}/adapter_config.json not found "
                                   f"(expected {self.config.n_members} members)")
             try:
-                model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                with peft_quietly():
+                    model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
                 raise MethodError(f"Could not load ensemble member {name!r} from {path}: {exc}") from exc

@@ -252,6 +252,7 @@ class Laplace(PosthocMethod):
         for chunk in batches(examples, batch_size, desc="curvature"):
             enc = scorer.encode(chunk, n_choices=n_choices).to(device)
             with grad_only(model, params), capture_io(modules) as io:
+                enc = enc.for_autograd()
                 logits = scorer.choice_logits(model, enc)
                 if not torch.isfinite(logits.masked_fill(~enc.choice_mask, 0.0)).all():
                     raise LaplaceError("The adapter's logits are NaN/inf on the fit data: the curvature would be NaN "

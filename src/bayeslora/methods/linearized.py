@@ -101,13 +101,16 @@ def recorded_calls(io: dict[str, list], enc) -> list[tuple[str, int]]:
 
 @contextlib.contextmanager
 def grad_only(model, params: list[torch.nn.Parameter]):
-    """Inside: exactly ``params`` require grad (so the backward stops at the covered LoRA); restored after."""
+    """Inside: exactly ``params`` require grad (so the backward stops at the covered LoRA); restored after.
+
+    Autograd is on inside, also where the caller runs under ``torch.no_grad()`` or ``torch.inference_mode()``
+    (the Jacobians need it; tensors made in inference mode enter as inputs only)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     keep = {id(p) for p in params}
     try:
         for p, _ in flags:
             p.requires_grad_(id(p) in keep)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         for p, flag in flags:
@@ -165,6 +168,7 @@ def lora_jacobians(model, scorer, enc, modules: dict[str, torch.nn.Module], rela
     params = [m.weight for m in modules.values()]
     B, C = enc.choice_mask.shape
     with grad_only(model, params), capture_io(modules) as io:
+        enc = enc.for_autograd()
         logits = scorer.choice_logits(model, enc)
         calls = recorded_calls(io, enc)
         grads = choice_output_grads(logits.masked_fill(~enc.choice_mask, 0.0), [io[k][i][1] for k, i in calls],

@@ -8,6 +8,8 @@ METHODS: dict[str, type[BayesianMethod]] = {}
 
 
 def register_method(cls: type[BayesianMethod]) -> type[BayesianMethod]:
+    """Class decorator: add ``cls`` to :data:`METHODS` under ``cls.name`` (it needs ``name``, ``description`` and a
+    ``config_cls`` subclassing :class:`MethodConfig`); a name taken by another class is refused."""
     for attr in ("name", "description", "config_cls"):
         if not getattr(cls, attr, None):
             raise TypeError(f"{cls.__name__} must define `{attr}` to be registered")
@@ -20,11 +22,14 @@ def register_method(cls: type[BayesianMethod]) -> type[BayesianMethod]:
 
 
 def get_method_class(name: str) -> type[BayesianMethod]:
+    """The registered class of method ``name`` (a :class:`MethodError` listing the registered names if none)."""
     if name not in METHODS:
         raise MethodError(f"Unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
 def build_method(name: str, options: dict | None = None) -> BayesianMethod:
+    """A new method ``name`` with ``options`` over its config's defaults (``bayeslora methods NAME`` lists them);
+    an unknown method or option, or a value of the wrong type, is a :class:`MethodError`."""
     cls = get_method_class(name)
     return cls(cls.config_cls.from_dict(options or {}))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..peft_ext import SamplingState, StochasticLoraA, replace_lora_A, replace_lora_B
+from ..peft_ext import SamplingState, StochasticLoraA, peft_quietly, replace_lora_A, replace_lora_B
 from .base import AdapterConfig, BayesianMethod, MethodError, SampledConfig
 from .registry import register_method
 from .sgp_math import (
@@ -223,7 +223,8 @@ class SGP(BayesianMethod):
         from peft import get_peft_model
 
         targets = list(dict.fromkeys([*adapter.target_modules, *self.config.targets]))
-        model = get_peft_model(base_model, adapter.lora_config(target_modules=targets))
+        with peft_quietly():
+            model = get_peft_model(base_model, adapter.lora_config(target_modules=targets))
         self.attach(model)
         return model
 

@@ -24,10 +24,18 @@ from .stochastic import (
 
 __all__ = ["HeadLora", "activate_adapter", "adapter_names", "adapter_rows", "head_lora",
            "GaussianLoraA", "SamplingState", "StochasticLoraA", "device_generator", "lora_layers", "posterior_state",
-           "replace_lora_A", "replace_lora_B", "row_questions", "sample_groups", "stochastic_layers"]
+           "peft_quietly", "replace_lora_A", "replace_lora_B", "row_questions", "sample_groups", "stochastic_layers"]
 
+import contextlib
 import warnings
 
-# PEFT warns on every LoRA of a tied LM head that merging would untie it; bayeslora never merges adapters.
-warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*tied layer is part of the adapter.*")
-warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated.*")
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Inside only (the filters are not process-wide): PEFT's warnings that do not apply to bayeslora. PEFT warns
+    on every LoRA of a tied LM head that merging would untie it, and bayeslora never merges adapters; it also
+    reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*tied layer is part of the adapter.*")
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated.*")
+        yield

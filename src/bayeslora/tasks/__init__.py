@@ -82,13 +82,19 @@ def _data_dir(data_dir: Path | None) -> Path:
     return Path(data_dir)
 
 
-def is_user_file(name: str) -> bool:
-    return name.endswith((".jsonl", ".json", ".csv")) or os.sep in name
+def is_user_file(name: str | os.PathLike) -> bool:
+    if isinstance(name, os.PathLike):
+        return True
+    return isinstance(name, str) and (name.endswith((".jsonl", ".json", ".csv")) or os.sep in name)
 
 
-def load_task(name: str, split: str = "train", data_dir: str | Path | None = None,
+def load_task(name: str | os.PathLike, split: str = "train", data_dir: str | Path | None = None,
               source: str = "local", limit: int | None = None) -> list[MCExample]:
-    """Examples of split ``split`` of task ``name`` (registered name or user file path)."""
+    """Examples of split ``split`` of task ``name`` (registered name or user file path); ``limit``: the first N."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise DatasetError(f"Expected `limit` to be a positive int (the first N questions), but got {limit!r}")
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
     if split not in SPLITS:
         raise DatasetError(f"Expected `split` to be one of {SPLITS}, but got {split!r}")
     if source not in ("local", "hub"):

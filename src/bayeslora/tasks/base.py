@@ -101,22 +101,33 @@ def validate_choices(choices: list, label: int, where: str) -> None:
         raise DatasetError(f"{where}: answer index {label} is outside the {len(choices)} choices")
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """Parse a JSON-lines file into ``(line_number, object)``; a bad line is an error naming file and line."""
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark, as spreadsheet programs write, is dropped); a file that is not
+    UTF-8 is an error naming the file and line."""
     if not path.is_file():
         raise DatasetError(f"Dataset file not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{path}:{lineno}: not UTF-8 text (byte {data[exc.start]:#04x}); save the file as "
+                           "UTF-8") from None
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """Parse a JSON-lines file into ``(line_number, object)``; a bad line is an error naming file and line."""
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object, but got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object, but got {type(obj).__name__}")
+        rows.append((lineno, obj))
     return rows
 
 
