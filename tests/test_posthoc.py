@@ -87,8 +87,12 @@ def test_bad_inputs_write_nothing(mle_run, peft_adapter, tmp_path):
         bayesianize(tmp_path, "temperature", out, dataset="arith", model=TINY)
     with pytest.raises(PosthocError, match="pass --model"):
         bayesianize(peft_adapter, "temperature", out, dataset="arith")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="`limit` to be a positive int"):
         bayesianize(mle_run, "temperature", out, limit=0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no examples found"):
+        bayesianize(mle_run, "temperature", out, dataset=str(empty))
     with pytest.raises(ValueError, match="trained end to end"):
         bayesianize(mle_run, "mle", out)
     # rank in the config does not match the saved weights
