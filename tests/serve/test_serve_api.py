@@ -277,3 +277,25 @@ def test_cancelled_stream_stops_generating(tiny_base_run):
     req = CompletionRequest(model=MODEL, prompt="x", max_tokens=64, temperature=0, stream=True)
     out = service.completion(req, emit, cancelled)
     assert chunks and out.usage.completion_tokens < 64
+
+
+def test_an_abandoned_request_stops_generating(tiny_base_run, start_server, monkeypatch):
+    """A client that gives up on a non-streamed answer cancels its generation (the worker used to finish all
+    max_tokens, and the next request waited behind it)."""
+    settings = ServeSettings(max_tokens=1000, queue_size=4)
+    service = InferenceService(tiny_base_run, settings)
+    answers = []
+    original = service.completion
+
+    def recording(req, emit=None, cancelled=None):
+        answers.append(original(req, emit, cancelled))
+        return answers[-1]
+
+    monkeypatch.setattr(service, "completion", recording)
+    with start_server(settings, service) as url:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1000,
+                                                       "temperature": 0},  # greedy: no early stop here
+                       trust_env=False, timeout=0.3)
+        service.submit(lambda: None).result(60)  # behind the abandoned request on the worker
+    assert len(answers) == 1 and answers[0].usage.completion_tokens < 1000

@@ -157,9 +157,28 @@ async def _stream(service: InferenceService, fn, req) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _complete(service: InferenceService, fn, req):
+async def _answer(service: InferenceService, fn, req, request: Request):
+    """Run ``fn(req, None, cancelled)`` on the worker and return its response; a client that disconnects while it
+    runs cancels its generation at the next token (as a stream's does), so the worker moves on to the next
+    request instead of finishing an answer nobody reads."""
+    cancelled = threading.Event()
+    future = asyncio.wrap_future(service.submit(fn, req, None, cancelled))
+
+    async def watch() -> None:  # the body is read: what the server sends next is the client's disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancelled.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await future
+    finally:
+        watcher.cancel()
+
+
+async def _complete(service: InferenceService, fn, req, request: Request):
     """A completion request: streamed as server-sent events or answered in one response."""
-    return await (_stream(service, fn, req) if req.stream else _run(service, fn, req))
+    return await (_stream(service, fn, req) if req.stream else _answer(service, fn, req, request))
 
 
 def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
@@ -197,12 +216,12 @@ def create_app(settings: ServeSettings, service: InferenceService) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         svc = request.app.state.service
-        return await _complete(svc, svc.chat_completion, req)
+        return await _complete(svc, svc.chat_completion, req, request)
 
     @app.post("/v1/completions", response_model=P.CompletionResponse)
     async def completions(req: P.CompletionRequest, request: Request):
         svc = request.app.state.service
-        return await _complete(svc, svc.completion, req)
+        return await _complete(svc, svc.completion, req, request)
 
     @app.post("/v1/choices", response_model=P.ChoicesResponse)
     async def choices(req: P.ChoicesRequest, request: Request) -> P.ChoicesResponse:

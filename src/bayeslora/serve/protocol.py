@@ -255,7 +255,8 @@ class ChoicesRequest(_Request):
     choices: list[str] = Field(min_length=2, max_length=len(LETTERS))  # the limits a data file has
     context: str | None = Field(default=None, max_length=MAX_TEXT_CHARS,
                                 description="a preamble put before the question (e.g. a passage)")
-    samples: int | None = Field(default=None, ge=0, description="posterior samples (default: the server's)")
+    samples: int | None = Field(default=None, ge=0, description="posterior samples (default: the server's); as in "
+                                "`bayeslora eval`, 0 is the posterior mean and 1 one posterior draw")
     abstain_threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                             description="abstain when confidence is below it (default: server's)")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)

@@ -505,6 +505,8 @@ class InferenceService:
         from ..tasks.base import qa_example
 
         self.check_model(req.model)
+        if not req.question.strip():
+            raise InvalidRequest("The question must not be blank", param="question")
         for i, choice in enumerate(req.choices):
             if not choice.strip() or len(choice) > P.MAX_TEXT_CHARS // 10:
                 raise InvalidRequest(f"Choice {i} must be a non-empty string of at most {P.MAX_TEXT_CHARS // 10} "
