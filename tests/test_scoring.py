@@ -87,3 +87,17 @@ def test_left_truncation_keeps_the_answer_cue(tiny):
 def test_bad_format_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="format"):
         make_scorer("essay", tiny.tokenizer)
+
+
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_a_question_longer_than_max_length_is_reported_once(tiny, fmt):
+    scorer = make_scorer(fmt, tiny.tokenizer, max_length=16)
+    long = qa_example("long", "word " * 40, ["a", "b"], 0)
+    with pytest.warns(UserWarning, match="'long' has .* tokens, more than max_length=16"):
+        scorer.encode([long])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer.encode([long])  # once per scorer
+        make_scorer(fmt, tiny.tokenizer, max_length=256).encode([long])  # fits: nothing to report

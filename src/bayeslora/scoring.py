@@ -22,6 +22,7 @@ which run only the scored positions (letter: the last token; cloze: the continua
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
@@ -162,9 +163,18 @@ class ChoiceScorer:
             raise ValueError(f"Expected `max_length` to be at least 8 tokens, but got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self._cut_reported = False
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _report_cut(self, example: MCExample, n_tokens: int) -> None:
+        """Warn (once per scorer) that a question is longer than ``max_length`` and loses its prompt's start."""
+        if not self._cut_reported:
+            self._cut_reported = True
+            warnings.warn(f"Question {example.id!r} has {n_tokens} tokens, more than max_length={self.max_length}: "
+                          "its prompt is cut from the left (later cuts are not reported; a larger --max-length "
+                          "keeps whole prompts)", stacklevel=3)
 
     def encode(self, examples: list[MCExample], n_choices: int | None = None) -> EncodedBatch:
         raise NotImplementedError
@@ -259,7 +269,12 @@ class LetterScorer(ChoiceScorer):
         raise ValueError(f"The tokenizer has no single token for the label {letter!r}: use --format cloze")
 
     def encode(self, examples: list[MCExample], n_choices: int | None = None) -> EncodedBatch:
-        rows = [self._ids(ex.prompt)[-self.max_length:] for ex in examples]
+        rows = []
+        for ex in examples:
+            ids = self._ids(ex.prompt)
+            if len(ids) > self.max_length:
+                self._report_cut(ex, len(ids))
+            rows.append(ids[-self.max_length:])
         ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
         B = len(examples)
         return EncodedBatch(
@@ -299,10 +314,13 @@ class ClozeScorer(ChoiceScorer):
         rows, targets, row_q, row_c = [], [], [], []
         for b, ex in enumerate(examples):
             for c, (context, continuation) in enumerate(ex.cloze):
-                cont = self._ids(continuation)[: self.max_length - 1]
+                full_cont, full_ctx = self._ids(continuation), self._ids(context)
+                if len(full_ctx) + len(full_cont) > self.max_length:
+                    self._report_cut(ex, len(full_ctx) + len(full_cont))
+                cont = full_cont[: self.max_length - 1]
                 if not cont:
                     raise ValueError(f"Example {ex.id!r}: choice {c} has an empty continuation")
-                ctx = self._ids(context)[-(self.max_length - len(cont)):]
+                ctx = full_ctx[-(self.max_length - len(cont)):]
                 rows.append(ctx + cont)
                 targets.append(cont)
                 row_q.append(b)
