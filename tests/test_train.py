@@ -162,13 +162,18 @@ def test_a_user_file_is_recorded_by_absolute_path(tmp_path, monkeypatch):
     assert saved["dataset"] == str(tmp_path / "data" / "mine.jsonl") == saved["train"]["dataset"]
 
 
-def test_two_processes_agree(tmp_path):
+@pytest.mark.parametrize("method", ["mle", "blob", "mcd"])
+def test_two_processes_agree(tmp_path, method):
     """`accelerate launch` with 2 CPU processes (gloo): DDP keeps both in sync, and the trajectory matches one
-    process (the global batch is split, not duplicated)."""
+    process (the global batch is split, not duplicated), for the sampling methods too: each question gets the
+    weight sample (BLoB noise, dropout mask) it gets in one process (they differed by as much as the whole
+    update when each process drew from its own stream)."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("accelerate launcher not installed")
     args = ["train", "--model", "tiny-random-llama", "--dataset", "arith", "--max-steps", 4, "--no-progress",
-            "--lr", "1e-2"]
+            "--lr", "1e-2", "--method", method]
+    if method == "blob":
+        args += ["--option", "init_eps=0.5"]  # noise large enough that a different draw shows
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bayeslora.cli"]
     out = subprocess.run([*launcher, *map(str, args), "--out", str(tmp_path / "ddp")], env=ENV,
@@ -180,6 +185,12 @@ def test_two_processes_agree(tmp_path):
     ddp, single = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "single")
     for key in single:
         assert torch.allclose(ddp[key], single[key], atol=1e-5), key
+    if method == "blob":  # the posterior's scales too
+        from safetensors.torch import load_file
+
+        ddp_post, single_post = (load_file(str(tmp_path / d / "posterior.safetensors")) for d in ("ddp", "single"))
+        for key in single_post:
+            assert torch.allclose(ddp_post[key], single_post[key], atol=1e-5), key
 
 
 def test_auto_format_follows_the_model_size_not_its_spec(tmp_path):

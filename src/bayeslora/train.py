@@ -204,7 +204,9 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
     total = config.n_steps(len(train_set))
     optimizer = torch.optim.AdamW(method.param_groups(model), lr=config.lr)
     scheduler = linear_schedule(optimizer, round(config.warmup_ratio * total), total)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + rank)
+    # the same stream on every process: each draws the whole global batch's samples and keeps its questions'
+    # (SamplingState.shard), so the trajectory and a checkpoint's generator do not depend on the process count
+    generator = torch.Generator(device="cpu").manual_seed(config.seed * 1000)
 
     info = {"model": loaded.spec, "format": config.format, "dtype": config.dtype, "max_length": config.max_length,
             "method": method.name, "method_config": method.config.to_dict(), "adapter": config.to_dict()["adapter"],
@@ -235,7 +237,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             enc = scorer.encode([train_set[j] for j in chunk], n_choices=n_choices).to(accelerator.device)
             sync = accelerator.no_sync(model) if i < len(micro) - 1 else _nullcontext()
             with sync:
-                nll = method.nll(model, scorer, enc, generator)
+                nll = method.nll(model, scorer, enc, generator, shard=(rank, world))
                 kl = method.kl().to(nll.device)
                 loss = (nll + method.kl_scale(len(train_set)) * kl) / config.grad_accum
                 accelerator.backward(loss)

@@ -220,9 +220,13 @@ class BayesianMethod:
         return [{"params": params, "weight_decay": self.config.weight_decay}]
 
     # -- training -------------------------------------------------------------------------------------------
-    def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
-        """Mean cross-entropy of the training batch (one posterior sample per question where there is one)."""
-        with self.sampling(model, None, n_groups=batch.n_questions, generator=generator):
+    def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None,
+            shard: tuple[int, int] = (0, 1)):
+        """Mean cross-entropy of the training batch (one posterior sample per question where there is one).
+        ``shard``: ``(rank, processes)`` when the global batch is split over data-parallel processes by striding;
+        each question then gets the sample it would get in one process (see
+        :class:`~bayeslora.peft_ext.SamplingState`)."""
+        with self.sampling(model, None, n_groups=batch.n_questions, generator=generator, shard=shard):
             logits = scorer.choice_logits(model, batch)
         return torch.nn.functional.cross_entropy(logits, batch.labels)
 
@@ -242,7 +246,8 @@ class BayesianMethod:
 
     # -- prediction -----------------------------------------------------------------------------------------
     def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
-                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False):
+                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         """Context manager: inside it, question ``b`` of every forward uses posterior sample ``groups[b]``
         (``groups=None``: sample ``b``, one per question, ``n_groups`` of them).
 
@@ -252,7 +257,7 @@ class BayesianMethod:
         (ensemble members, ...) override it. ``antithetic``: mirrored noise pairs; ``center``: the last group is
         the posterior mean (see :func:`sample_groups`).
         """
-        return sample_groups(model, groups, n_groups, generator, antithetic=antithetic, center=center)
+        return sample_groups(model, groups, n_groups, generator, antithetic=antithetic, center=center, shard=shard)
 
     def head_sampler(self, model, n_samples: int, generator: torch.Generator | None = None):
         """For a plan with ``head``: ``(LM-head layer, deltas)``, ``deltas(h)`` giving the logit offsets (S, N, V)

@@ -75,7 +75,8 @@ class Ensemble(BayesianMethod):
         with adapter_rows(model, [self.members[q // B] for q in range(k * B)]):
             return scorer.choice_logits(model, rep).view(k, B, -1)
 
-    def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None):
+    def nll(self, model, scorer: ChoiceScorer, batch: EncodedBatch, generator: torch.Generator | None,
+            shard: tuple[int, int] = (0, 1)):  # no random draws: every member sees every question
         logits = self._logits(model, scorer, batch, self.config.n_members)  # (K, B, C)
         K, B, C = logits.shape
         return torch.nn.functional.cross_entropy(logits.reshape(K * B, C), batch.labels.repeat(K))
@@ -101,7 +102,8 @@ class Ensemble(BayesianMethod):
         return torch.stack(out)
 
     def sampling(self, model, groups: torch.Tensor | None, n_groups: int | None = None,
-                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False):
+                 generator: torch.Generator | None = None, antithetic: bool = False, center: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         """Question ``q`` uses member ``groups[q] mod K`` (``groups=None``: member ``q mod K``)."""
         if antithetic or center:
             raise MethodError("Ensemble members have no antithetic mirror images and no posterior mean")

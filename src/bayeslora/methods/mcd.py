@@ -30,7 +30,7 @@ class DropoutLoraA(StochasticLoraA):
         """Inverted-dropout masks ``(G, d_in)``: 0 or ``1 / (1 - p)``; cached so a context is one sample."""
         key = (id(self), "dropout")
         if key not in state.cache:
-            keep = state.draw(torch.rand, (state.n_groups, self.in_features), device) >= self.p
+            keep = state.draw_groups(torch.rand, state.n_groups, (self.in_features,), device) >= self.p
             state.cache[key] = (keep.to(torch.float32) / (1.0 - self.p)).to(dtype=dtype)
         return state.cache[key]
 

@@ -49,6 +49,11 @@ class SamplingState:
     cache: dict = field(default_factory=dict)
     antithetic: bool = False
     center: bool = False
+    #: ``(index, count)`` of this process among ``count`` data-parallel ones that split each batch by striding (its
+    #: questions are the global batch's ``index, index + count, ...``): every process draws the noise of the whole
+    #: global batch from the same stream and keeps its own questions', so a question's sample does not depend on
+    #: the number of processes, and every process's generator stays in the same state (one checkpoint resumes all)
+    shard: tuple[int, int] = (0, 1)
 
     def row_index(self, n_rows: int, device) -> torch.Tensor | None:
         """Sample group of each of the ``n_rows`` rows of the current forward, shape (R,), on ``device``; ``None``
@@ -94,12 +99,21 @@ class SamplingState:
             self.cache[key] = device_generator(self.generator, device)
         return fn(shape, generator=self.cache[key], device=device, dtype=torch.float32)
 
+    def draw_groups(self, fn: Callable, n: int, tail: tuple[int, ...], device) -> torch.Tensor:
+        """``(n, *tail)`` draws of :meth:`draw` for this process's ``n`` groups (see ``shard``)."""
+        index, count = self.shard
+        if count == 1:
+            return self.draw(fn, (n, *tail), device)
+        if self.antithetic or self.center:
+            raise RuntimeError("Mirrored or centred samples are drawn for prediction, not for sharded training")
+        return self.draw(fn, (n * count, *tail), device)[index::count]
+
     def noise(self, layer: nn.Module, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
         key = id(layer)
         if key not in self.cache:
             g = self.n_groups - self.center
             n = (g + 1) // 2 if self.antithetic else g
-            eps = self.draw(torch.randn, (n, *shape), device)
+            eps = self.draw_groups(torch.randn, n, shape, device)
             if self.antithetic:
                 eps = torch.cat([eps, -eps])[:g]
             if self.center:
@@ -230,7 +244,7 @@ def posterior_state(model: nn.Module) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def sample_groups(model: nn.Module, groups: torch.Tensor | None, n_groups: int | None = None,
                   generator: torch.Generator | None = None, antithetic: bool = False,
-                  center: bool = False) -> Iterator[SamplingState]:
+                  center: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[SamplingState]:
     """Within the context, every stochastic layer of ``model`` samples one weight per group of questions.
 
     ``groups`` (B,) gives each question's sample group; ``None`` (with ``n_groups`` = B) draws one sample per
@@ -238,13 +252,14 @@ def sample_groups(model: nn.Module, groups: torch.Tensor | None, n_groups: int |
     index. ``antithetic``: mirrored noise pairs (see :class:`SamplingState`); with a batch repeated an even S
     times, copy ``s + S / 2`` mirrors copy ``s``. ``center``: the last group is the posterior mean (see
     :class:`SamplingState`). Pass ``n_groups`` when ``groups`` is on an accelerator: otherwise
-    it is read back from the device (a synchronization).
+    it is read back from the device (a synchronization). ``shard``: this process's place among data-parallel ones
+    (see :class:`SamplingState`).
     """
     if groups is None and n_groups is None:
         raise ValueError("sample_groups(groups=None) needs n_groups (the number of questions)")
     layers = stochastic_layers(model)
     state = SamplingState(groups=groups, n_groups=int(n_groups if n_groups is not None else groups.max() + 1),
-                          generator=generator, antithetic=antithetic, center=center)
+                          generator=generator, antithetic=antithetic, center=center, shard=shard)
     for layer in layers:
         layer._sampling = state
     try:
