@@ -147,3 +147,29 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 0.0003)" in text and "(default: 200)" in text and "(default: 0)" in text  # lr, steps, seed
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_eval_ood_auroc_settings_and_data_files(tmp_path, capsys):
+    """--ood adds the AUROC of telling another set's questions apart by epistemic uncertainty and by entropy;
+    metrics.json records how it was evaluated; a data file is one split, and the run's own training file is
+    named as such; a bad --out fails before the model loads."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "choices": ["a", "b", "c"], "answer": i % 3}) + "\n"
+                            for i in range(6)))
+    assert main(["train", "--model", "tiny-random-llama", "--dataset", str(data), "--max-steps", "1", "--no-progress",
+                 "--method", "mcd", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--ood", "arith-ood", "--limit", "6", "--samples", "3",
+                 "--option", "sample_chunk=3", "--split", "test", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "one split: --split test is ignored" in captured.err and "training-set metrics" in captured.err
+    metrics = json.loads((tmp_path / "run" / "eval" / "mine-file" / "metrics.json").read_text())
+    assert metrics["split"] == "file"
+    assert metrics["settings"] == {"samples": 3, "seed": 0, "batch_size": 8, "options": {"sample_chunk": 3},
+                                   "model": "tiny-random-llama"}
+    ood = metrics["ood"]["arith-ood"]
+    assert ood["n"] == 6 and 0 <= ood["auroc_ood_epistemic"] <= 1 and 0 <= ood["auroc_ood_entropy"] <= 1
+    assert '"ood": "arith-ood"' in captured.out
+    (tmp_path / "afile").write_text("x")
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err

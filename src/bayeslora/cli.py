@@ -105,8 +105,8 @@ def _eval_parser(sub) -> None:
                        "reliability.png.")
     p.add_argument("run_dir", help="run directory written by `bayeslora train`")
     p.add_argument("--dataset", default=None, help="task name or file (default: the run's training task)")
-    p.add_argument("--split", default="validation", choices=["train", "validation", "test"],
-                   help="dataset split to evaluate on")
+    p.add_argument("--split", default=None, choices=["train", "validation", "test"],
+                   help="split of a named task (default: validation); a data file is one split and has none")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval/DATASET-SPLIT)")
     p.add_argument("--samples", type=int, default=None, help="posterior samples (default: the method's)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per forward batch")
@@ -117,6 +117,10 @@ def _eval_parser(sub) -> None:
                         "the same questions: the calibration grids' subsets)")
     p.add_argument("--seed", type=int, default=0, help="seed of posterior sampling")
     p.add_argument("--model", default=None, help="override the run's base model spec")
+    p.add_argument("--ood", action="append", default=[], metavar="DATASET",
+                   help="also evaluate this out-of-distribution set (a task's test split, or a file; repeatable) "
+                        "and report the AUROC of telling its questions from the evaluated ones by epistemic "
+                        "uncertainty and by predictive entropy")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a prediction-time method option (repeatable), e.g. --option predictive=antithetic "
@@ -126,9 +130,10 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from .bench.ood import ood_auroc
     from .evaluate import collapse_note, evaluate_examples, write_evaluation
     from .runs import load_run, read_run_info
-    from .tasks import load_task, random_subset
+    from .tasks import is_user_file, load_task, random_subset
 
     info = read_run_info(args.run_dir)
     dataset = args.dataset or info.get("dataset")
@@ -140,29 +145,82 @@ def _cmd_eval(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"Expected --{flag} >= 1, but got {value}")
-    examples = load_task(dataset, args.split, args.data_dir, args.source, limit=args.limit)
-    available = len(examples)
-    examples = random_subset(examples, args.sample)
+    split = _eval_split(dataset, args.split, info)
+    name = Path(dataset).stem if is_user_file(dataset) else dataset
+    out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{split}"
+    _check_output_folder(out)
+
+    def questions(task: str, task_split: str):
+        examples = load_task(task, task_split, args.data_dir, args.source, limit=args.limit)
+        chosen = random_subset(examples, args.sample)
+        if args.sample is not None and args.sample > len(examples):
+            print(f"note: --sample {args.sample} is more than the {len(examples)} questions of {task}: all are "
+                  "evaluated", file=sys.stderr)
+        subset = (f"random {len(chosen)} of {len(examples)} (fixed draw)" if args.sample is not None else
+                  f"first {len(chosen)}" if args.limit is not None else "all")
+        return chosen, subset
+
+    examples, subset = questions(dataset, "validation" if split == "file" else split)
+    ood_sets = {task: questions(task, "test") for task in args.ood}
+    options = dict(_parse_option(o) for o in args.option)
     # checked before the model loads: a training-time key or a bad value fails at once
-    run = load_run(args.run_dir, model_spec=args.model, options=dict(_parse_option(o) for o in args.option))
-    result, pred = evaluate_examples(run, examples, n_samples=args.samples, batch_size=args.batch_size,
-                                     seed=args.seed, progress=not args.no_progress)
-    subset = (f"random {len(examples)} of {available} (fixed draw)" if args.sample is not None else
-              f"first {len(examples)}" if args.limit is not None else "all")
-    result.update(dataset=dataset, split=args.split, questions=subset, method=run.method.name,
-                  run_dir=str(args.run_dir))
-    name = Path(dataset).stem if dataset.endswith((".jsonl", ".csv", ".json")) else dataset
-    out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{args.split}"
+    run = load_run(args.run_dir, model_spec=args.model, options=options)
+
+    def evaluate(chosen):
+        return evaluate_examples(run, chosen, n_samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                                 progress=not args.no_progress)
+
+    result, pred = evaluate(examples)
+    result.update(dataset=dataset, split=split, questions=subset, method=run.method.name,
+                  run_dir=str(Path(args.run_dir).resolve()),
+                  settings={"samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
+                            "options": options, "model": args.model or info.get("model")})
+    if ood_sets:
+        result["ood"] = {}
+        for task, (chosen, task_subset) in ood_sets.items():
+            ood_metrics, ood_pred = evaluate(chosen)
+            result["ood"][task] = {**ood_auroc(pred, ood_pred), "questions": task_subset,
+                                   **{k: ood_metrics[k] for k in ("n", "acc", "ece", "nll", "mean_epistemic",
+                                                                  "mean_total")}}
     if (out / "metrics.json").is_file():
         print(f"note: replacing the evaluation in {out} (--out DIR keeps both)", file=sys.stderr)
-    write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({args.split})")
+    write_evaluation(out, examples, pred, result, title=f"{run.method.name} on {dataset} ({split})")
     print(json_text({k: result[k] for k in ("n", "acc", "ece", "nll", "brier", "auroc_misclassification",
                                              "mean_epistemic")}))
+    for task, row in result.get("ood", {}).items():
+        print(json_text({"ood": task, **{k: row[k] for k in ("n", "auroc_ood_epistemic", "auroc_ood_entropy",
+                                                             "acc", "mean_epistemic")}}))
     print(f"wrote {out}/metrics.json, predictions.jsonl, reliability.png")
     note = collapse_note(result, run.method.point_mass_hint)
     if note:
         print(note, file=sys.stderr)
     return 0
+
+
+def _eval_split(dataset: str, split: str | None, info: dict) -> str:
+    """The split ``eval`` reports: a named task's (default validation), or ``file`` for a data file, which has no
+    splits; a note where ``--split`` is ignored or the file is the run's own training data."""
+    from .tasks import is_user_file
+
+    if not is_user_file(dataset):
+        return split or "validation"
+    if split is not None:
+        print(f"note: {dataset} is a data file, one split: --split {split} is ignored", file=sys.stderr)
+    trained_on = info.get("dataset")
+    if trained_on and Path(trained_on).resolve() == Path(dataset).resolve():
+        print(f"note: {dataset} is the file this run was trained on: these are training-set metrics (pass "
+              "--dataset with held-out questions)", file=sys.stderr)
+    return "file"
+
+
+def _check_output_folder(out: Path) -> None:
+    """Before the model loads: ``out`` must be a folder that can be written (or created)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder for metrics.json, predictions.jsonl and "
+                         "reliability.png")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {parent}")
 
 
 def _methods_parser(sub) -> None:

@@ -63,7 +63,11 @@ def read_run_info(run_dir: str | Path) -> dict:
     if not Path(run_dir).is_dir():
         raise MethodError(f"Run directory {run_dir} does not exist")
     if not path.is_file():
-        raise MethodError(f"{run_dir} is not a bayeslora run: {RUN_FILE} is missing")
+        hint = ""
+        if (Path(run_dir) / "adapter_config.json").is_file():
+            hint = (": it is a plain PEFT adapter; make it a run with `bayeslora bayesianize "
+                    f"{run_dir} --method temperature|laplace|tfb --model BASE --dataset D --out RUN`")
+        raise MethodError(f"{run_dir} is not a bayeslora run: {RUN_FILE} is missing" + hint)
     try:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
