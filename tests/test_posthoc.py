@@ -843,3 +843,18 @@ def test_tfb_searches_a_half_precision_model_in_float32(mle_run):
     assert results["bf16"]["anchor_nll0"] == pytest.approx(results["fp32"]["anchor_nll0"], rel=1e-6)
     with pytest.raises(Exception, match="search_dtype"):
         build_method("tfb", {"search_dtype": "float16"})
+
+
+def test_adapter_weights_outside_the_posterior_are_named(tmp_path):
+    """A plain PEFT adapter that also trains biases or whole modules: Laplace's posterior covers its LoRA matrices
+    only, which is said (a warning, and run.json) instead of silently."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(TINY).model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                              bias="all", init_lora_weights=False))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.warns(UserWarning, match="also trains bias='all'.*LoRA A and B matrices only"):
+        out = bayesianize(tmp_path / "adapter", "laplace", tmp_path / "lap", dataset="arith", model=TINY, limit=8,
+                          options={"n_val": 8})
+    assert json.loads((out / "run.json").read_text())["adapter"]["not_in_posterior"] == ["bias='all'"]

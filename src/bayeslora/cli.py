@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except USER_ERRORS as exc:
-        print(f"bayeslora {args.command}: error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch` every process fails alike: say it once
+            print(f"bayeslora {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

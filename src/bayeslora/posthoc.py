@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,13 @@ def _adapter_summary(adapter_dir: Path) -> dict:
                            "only plain LoRA adapters are supported")
     targets = cfg.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets
+    # trained weights besides the LoRA matrices: kept at their values, outside any posterior
+    extra = [name for name, used in (("modules_to_save", bool(cfg.get("modules_to_save"))),
+                                     (f"bias={cfg.get('bias')!r}", cfg.get("bias", "none") != "none"),
+                                     ("lora_bias", bool(cfg.get("lora_bias")))) if used]
     return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": targets, "base_model": cfg.get("base_model_name_or_path")}
+            "target_modules": targets, "base_model": cfg.get("base_model_name_or_path"),
+            **({"not_in_posterior": extra} if extra else {})}
 
 
 def _has_posterior(run_dir: Path) -> bool:
@@ -182,6 +188,10 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     if is_user_file(dataset) and Path(dataset).is_file():
         dataset = str(Path(dataset).resolve())  # run.json must find it from any directory
     split, examples = _fit_examples(meth, dataset, split, data_dir, limit)
+    if src.adapter.get("not_in_posterior") and meth.name != "temperature":
+        warnings.warn(f"The adapter in {src.adapter_dir} also trains {', '.join(src.adapter['not_in_posterior'])}: "
+                      f"{meth.name}'s posterior covers the LoRA A and B matrices only, and keeps those at their "
+                      "values (recorded in run.json, adapter.not_in_posterior)", stacklevel=2)
     loaded = load_model(src.model, dtype=parse_dtype(src.dtype), progress=progress)
     peft_model = load_adapter(loaded.model, src.adapter_dir)
     peft_model.eval()
