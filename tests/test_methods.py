@@ -114,7 +114,7 @@ def test_blob_antithetic_predictive_mirrors_its_samples(examples):
 def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
     """``prompt=mean``: one prompt pass at the posterior mean, S samples of the scored positions on its cache.
     With zero posterior std every sample is the deterministic forward (the cache split and positions are exact);
-    the shared-context cloze layout and the one-pass layout draw the same samples."""
+    the shared-context cloze layout and the one-pass layout draw the same samples (continuations of one length)."""
     method, model, scorer = _prepared("blob", {"init_eps": 0.5, "prompt": "mean"})
     if fmt == "letter":
         scorer = make_scorer("letter", scorer.tokenizer, max_length=64)
@@ -127,6 +127,15 @@ def test_blob_mean_prompt_samples_only_the_scored_positions(examples, fmt):
     full = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0))
     assert not torch.allclose(logits, full, atol=1e-4)  # the prompt is not sampled
     if fmt == "cloze":
+        # with continuations of one length the layouts sample the same positions (where lengths differ, the
+        # one-pass layout also samples the context tokens that fall in a shorter row's last K + 1 positions)
+        tok = scorer.tokenizer
+        pool = load_task("arith", "train", limit=64)
+        lengths = [{len(tok(c, add_special_tokens=False)["input_ids"]) for _, c in ex.cloze} for ex in pool]
+        even = [ex for ex, n in zip(pool, lengths, strict=True) if n == {3}][:4]  # " NN": three byte tokens
+        assert len(even) == 4
+        enc = scorer.encode(even)
+        logits = method.sample_logits(model, scorer, enc, 3, torch.Generator().manual_seed(0), mean_prompt=True)
         one_pass = method.sample_logits(model, scorer, enc.one_pass(), 3, torch.Generator().manual_seed(0),
                                         mean_prompt=True)
         assert torch.allclose(one_pass, logits, atol=1e-4)
