@@ -21,3 +21,13 @@ def test_bad_seeds_and_missing_grid(tmp_path, capsys):
 def test_results_command_writes_results_md(tmp_path, capsys):
     assert main(["bench", "results", "--docs", str(tmp_path)]) == 0
     assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")
+
+
+def test_calibration_refuses_an_empty_list_and_a_file_as_out(tmp_path, capsys):
+    from bayeslora.cli import main
+
+    assert main(["bench", "calibration", "--out", str(tmp_path / "g"), "--methods", ","]) == 2
+    assert "comma-separated --methods" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["bench", "calibration", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _csv(text: str, flag: str = "list") -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"Expected a comma-separated {flag}, but got {text!r}")
+    return items
 
 
 def _seeds(text: str) -> list[int]:
@@ -53,8 +56,10 @@ def _cmd_calibration(args) -> int:
     from .bench.report import write_report
 
     command = "bayeslora " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
-    config = make_config(args.out, args.preset, methods=_csv(args.methods) if args.methods else None,
-                         datasets=_csv(args.datasets) if args.datasets else None,
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; expected the grid's folder")
+    config = make_config(args.out, args.preset, methods=_csv(args.methods, "--methods") if args.methods is not None
+                         else None, datasets=_csv(args.datasets, "--datasets") if args.datasets is not None else None,
                          seeds=_seeds(args.seeds) if args.seeds else None, ood_files=args.ood, model=args.model,
                          data_dir=args.data_dir, command=command)
     rows = run_grid(config, log=lambda msg: print(msg, flush=True), subprocesses=not args.in_process)

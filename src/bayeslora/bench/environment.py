@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import subprocess
 
 
@@ -16,6 +17,22 @@ def cpu_model() -> str:
         if line.startswith("Model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def environment() -> dict[str, str]:
+    """Hardware and versions, as written next to every measurement (and recorded by each grid cell)."""
+    import torch
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("transformers", "peft", "accelerate"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu_model(), "cores": str(cores), "gpu": gpu, **versions}
+
 
 
 def environment_lines() -> list[str]:

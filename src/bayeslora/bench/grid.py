@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save
 
 from ..io_utils import atomic_write_bytes, atomic_write_text, json_text
 from ..predictive import Predictive
+from .environment import environment
 from .ood import OOD_TASKS, OOD_TRAIN_TASK, ood_auroc
 from .selective import selective_summary
 
@@ -317,6 +318,7 @@ def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
         atomic_write_text(log_path, traceback.format_exc())
     row["wall_time_s"] = round(time.perf_counter() - t0, 3)
     row["commit"] = git_commit()
+    row["env"] = environment()  # the machine that ran this cell, for the report's hardware line
     # ru_maxrss is the process's high-water mark (KiB on Linux): with cells run in one process it is the peak
     # over this cell and those before it.
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

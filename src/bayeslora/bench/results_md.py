@@ -8,13 +8,12 @@ published numbers of the reference methods (:data:`PUBLISHED`), each with its so
 from __future__ import annotations
 
 import datetime
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..io_utils import atomic_write_text
-from .environment import cpu_model
+from ..models import DEFAULT_MODEL
+from .environment import environment
 from .grid import GRID_FILE, git_commit, grid_commands, read_results
 from .report import tables_markdown
 
@@ -53,21 +52,6 @@ PUBLISHED: tuple[Published, ...] = (
 
 
 # -- environment ----------------------------------------------------------------------------------------------------
-def environment() -> dict[str, str]:
-    """Hardware and versions, as written next to every measurement."""
-    import torch
-
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("transformers", "peft", "accelerate"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": cpu_model(), "cores": str(cores), "gpu": gpu, **versions}
-
-
 # -- the calibration fragment ---------------------------------------------------------------------------------------
 def calibration_fragment(grid_dir: Path) -> str:
     """Markdown section with the grid's command, protocol, hardware, versions and tables."""
@@ -78,7 +62,11 @@ def calibration_fragment(grid_dir: Path) -> str:
     saved = json.loads((grid_dir / GRID_FILE).read_text())
     preset = saved["config"]["preset"]
     cfg = saved["config"]
-    env = environment()
+    envs = list(dict.fromkeys(tuple(sorted(r["env"].items())) for r in rows if r.get("env")))
+    if envs:  # recorded by each cell, on the machine that ran it
+        where = "; ".join(_describe(dict(e)) for e in envs) + (" (the cells' machines)" if len(envs) > 1 else "")
+    else:
+        where = _describe(environment()) + " (the machine that wrote this report: these cells did not record theirs)"
     commits = ", ".join(dict.fromkeys(r["commit"] for r in rows if r.get("commit")))
     commits = f"bayeslora commit(s) of the cells {commits}" if commits else \
         f"bayeslora commit {git_commit()} (when this report was generated)"
@@ -94,9 +82,7 @@ def calibration_fragment(grid_dir: Path) -> str:
         "",
         f"Protocol: preset `{preset['name']}`: {preset['description']}. Model `{cfg['model']}`. Cells: {cells}.",
         "",
-        f"Hardware: {env['cpu']}, {env['cores']} cores, GPU {env['gpu']} (shared machine: wall times are upper "
-        f"bounds). Versions: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"peft {env['peft']}, accelerate {env['accelerate']}; {commits}. "
+        f"Hardware and versions: {where}; shared machine: wall times are upper bounds; {commits}. "
         f"Generated {datetime.date.today().isoformat()}.",
         "",
         tables_markdown(rows).replace("### ", "#### "),
@@ -104,11 +90,27 @@ def calibration_fragment(grid_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def calibration_fragment_name(grid_dir: Path) -> str:
-    import json
+def _describe(env: dict) -> str:
+    return (f"{env.get('cpu')}, {env.get('cores')} cores, GPU {env.get('gpu')}, python {env.get('python')}, torch "
+            f"{env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, accelerate "
+            f"{env.get('accelerate')}")
 
-    preset = json.loads((Path(grid_dir) / GRID_FILE).read_text())["config"]["preset"]["name"]
-    return f"{CALIBRATION_PREFIX}-{preset}.md"
+
+def calibration_fragment_name(grid_dir: Path) -> str:
+    """``calibration-PRESET.md``; a grid on another model or other datasets than its preset's gets them in the
+    name too, so it does not replace the preset's published table."""
+    import json
+    import re
+
+    cfg = json.loads((Path(grid_dir) / GRID_FILE).read_text())["config"]
+    preset = cfg["preset"]
+    extra = []
+    if cfg.get("model") not in (None, "", DEFAULT_MODEL):
+        extra.append(cfg["model"])
+    if preset.get("datasets") and cfg.get("datasets") and list(cfg["datasets"]) != list(preset["datasets"]):
+        extra.extend(cfg["datasets"])
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", "-".join([preset["name"], *extra])).strip("-")
+    return f"{CALIBRATION_PREFIX}-{slug}.md"
 
 
 def write_calibration_fragment(grid_dir: Path, docs: Path) -> Path:
