@@ -66,6 +66,8 @@ def test_bench_speed_rejects_bad_input(capsys):
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--samples", "0"]) == 2
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--parts", "train,nope"]) == 2
     assert "Expected parts among" in capsys.readouterr().err
+    assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "nope"]) == 2
+    assert "Unknown dataset 'nope'" in capsys.readouterr().err
 
 
 def test_bench_speed_posthoc_part(tmp_path):

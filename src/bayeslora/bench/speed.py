@@ -356,6 +356,9 @@ def _subprocess(flag: str, config: SpeedConfig, method: str, *args: str) -> dict
 def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> dict:
     """Both measurements; with ``partial``, each finished part is saved there at once and reused by a rerun with
     the same configuration (a long benchmark killed by a time limit goes on where it stopped)."""
+    from ..tasks import load_task
+
+    load_task(config.dataset, "train", config.data_dir, limit=config.batch_size)  # a bad name fails here, not in a child
     result = {"config": asdict(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if partial is not None and Path(partial).is_file():
         saved = json.loads(Path(partial).read_text())
