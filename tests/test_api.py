@@ -13,7 +13,7 @@ import torch
 from bayeslora import TrainConfig, bayesianize, evaluate_examples, load_run, train
 from bayeslora.config import ConfigError
 from bayeslora.methods import MethodError, build_method
-from bayeslora.tasks import DatasetError, load_task
+from bayeslora.tasks import DatasetError
 from bayeslora.train import TrainingError
 
 TINY = dict(model="tiny-random-llama", dataset="arith", save_every=0, batch_size=4, train_limit=16)
