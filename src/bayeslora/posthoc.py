@@ -188,10 +188,10 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     if is_user_file(dataset) and Path(dataset).is_file():
         dataset = str(Path(dataset).resolve())  # run.json must find it from any directory
     split, examples = _fit_examples(meth, dataset, split, data_dir, limit)
-    if src.adapter.get("not_in_posterior") and meth.name != "temperature":
+    if src.adapter.get("not_in_posterior"):
         warnings.warn(f"The adapter in {src.adapter_dir} also trains {', '.join(src.adapter['not_in_posterior'])}: "
-                      f"{meth.name}'s posterior covers the LoRA A and B matrices only, and keeps those at their "
-                      "values (recorded in run.json, adapter.not_in_posterior)", stacklevel=2)
+                      "bayeslora's posteriors cover the LoRA A and B matrices only, and keep those at their values "
+                      "(recorded in run.json, adapter.not_in_posterior)", stacklevel=2)
     loaded = load_model(src.model, dtype=parse_dtype(src.dtype), progress=progress)
     peft_model = load_adapter(loaded.model, src.adapter_dir)
     peft_model.eval()

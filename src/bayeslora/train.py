@@ -169,8 +169,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
     if issubclass(cls, PosthocMethod):
         raise TrainingError(
             f"Method {config.method!r} is fitted post hoc to a trained adapter, not trained: train an mle or map run, "
-            f"then `bayeslora {'calibrate' if config.method == 'temperature' else 'bayesianize'} RUN_DIR --method "
-            f"{config.method} --out DIR` (Python: bayeslora.posthoc.bayesianize(RUN_DIR, {config.method!r}, DIR))")
+            f"then `bayeslora bayesianize RUN_DIR --method {config.method} --out DIR` (Python: "
+            f"bayeslora.bayesianize(RUN_DIR, {config.method!r}, DIR))")
     with global_rng_kept():
         return _train(config, Path(out_dir), resume, progress)
 
