@@ -276,6 +276,8 @@ def test_table_mean_std_over_seeds():
     md = tables_markdown(rows)
     assert "| dataset / method | ACC (%) | ECE (%) | NLL |" in md
     assert "| d / mle | 60.00 ± 14.14 | 15.00 ± 7.07 | – |" in md
+    assert md.splitlines()[[i for i, line in enumerate(md.splitlines()) if "| d / mle |" in line][0]].endswith(
+        "| 1, 2 |")  # the seeds the row averages, not only how many
     assert "- x / d / seed 1: E" in md
     assert markdown_table({"columns": ["a"], "rows": {"m": ["1"]}}) == "| method | a |\n|---|---:|\n| m | 1 |"
 
@@ -326,3 +328,65 @@ def test_git_commit_marks_uncommitted_source(tmp_path):
     outside = tmp_path.parent / f"{tmp_path.name}-not-a-repo"
     outside.mkdir()
     assert grid_mod.git_commit(outside) == "unknown"
+
+
+def test_ood_files_added_on_a_rerun_reach_the_finished_cells(grid):
+    """A finished cell is evaluated on a new --ood file without training again; its other numbers stay."""
+    out, config = grid["out"], grid["config"]
+    shapes = out.parent / "shapes.jsonl"
+    shapes.write_text("".join(json.dumps({"question": f"Shape {i}?", "choices": ["round", "square"],
+                                          "answer": i % 2}) + "\n" for i in range(4)))
+    before = by_method(read_results(out))["mle"]
+    log_file = out / "runs" / "mle-arith-s1" / "train_log.jsonl"
+    trained = log_file.read_text()
+    more = dataclasses.replace(config, ood_files=[*config.ood_files, str(shapes)])
+    logs: list[str] = []
+    run_grid(more, log=logs.append)
+    assert any("mle__arith__s1: done earlier, adding ood:shapes" in m for m in logs), logs
+    after = by_method(read_results(out))["mle"]
+    assert log_file.read_text() == trained
+    assert after["metrics"]["ood:shapes"]["n"] == 4 and after["metrics"]["ood:shapes"]["ood_reference"] == "test"
+    assert {k: v for k, v in after["metrics"].items() if k != "ood:shapes"} == before["metrics"]
+    assert after["wall_time_s"] == before["wall_time_s"] and after["train_time_s"] == before["train_time_s"]
+    assert "ood:shapes" in by_method(read_results(out))["bench-posthoc"]["metrics"]
+    logs.clear()
+    run_grid(more, log=logs.append)
+    assert any("mle__arith__s1: done earlier, skipped" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"dataset": "d", "seed": 1, "status": "ok", "metrics": {}}', "'method' should be a string"),
+    ('{"method": "m", "dataset": "d", "seed": "1", "status": "ok", "metrics": {}}', "'seed' should be an integer"),
+    ('{"method": "m", "dataset": "d", "seed": 1, "status": "ok", "metrics": [1]}', "'metrics' should map"),
+])
+def test_a_malformed_results_row_is_named(tmp_path, line, problem):
+    good = json.dumps({"method": "m", "dataset": "d", "seed": 1, "status": "ok", "metrics": {"validation": {}}})
+    (tmp_path / "results.jsonl").write_text(good + "\n" + line + "\n")
+    with pytest.raises(GridError, match=f"results.jsonl:2 is not a grid cell's row: {problem}"):
+        read_results(tmp_path)
+
+
+def test_figures_name_their_seeds(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bayeslora.bench import report
+
+    rows = []
+    for method, seeds in (("mle", (1, 2)), ("blob", (1,))):
+        for seed in seeds:
+            rows.append({"method": method, "dataset": "d", "seed": seed, "status": "ok",
+                         "metrics": {"validation": {"acc": 0.5}}})
+            cell_dir = tmp_path / "cells" / Cell(method, "d", seed).key
+            cell_dir.mkdir(parents=True)
+            save_file({"probs": torch.full((4, 2), 0.5), "labels": torch.zeros(4, dtype=torch.long)},
+                      str(cell_dir / "validation.safetensors"))
+    titles, legends = [], []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("bayeslora.plots.reliability_diagram", lambda p, y, path, title="": titles.append(title) or path)
+        mp.setattr(report, "risk_coverage_plot", lambda curves, path, title="": legends.append((title, list(curves)))
+                   or path)
+        report.make_figures(tmp_path, rows)
+    assert titles == ["mle on d (validation, seeds 1, 2 pooled)", "blob on d (validation, seed 1)"]
+    assert legends == [("Selective prediction on d (validation, seeds 1, 2 pooled)", ["mle", "blob, seed 1"])]

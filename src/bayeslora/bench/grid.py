@@ -238,7 +238,20 @@ def run_grid(config: GridConfig, log: Callable[[str], None] = print, subprocesse
     for i, cell in enumerate(todo, 1):
         done = read_cell(out, cell)
         if done is not None and done.get("status") == "ok":
-            log(f"[{i}/{len(todo)}] {cell.key}: done earlier, skipped")
+            missing = missing_eval_sets(config, cell, done)
+            if not missing:
+                log(f"[{i}/{len(todo)}] {cell.key}: done earlier, skipped")
+                continue
+            # a rerun with new --ood files: evaluate the finished run on them, keep the rest of the row
+            log(f"[{i}/{len(todo)}] {cell.key}: done earlier, adding {', '.join(missing)}")
+            extra = (run_cell_subprocess(config, cell, only=missing) if subprocesses
+                     else run_cell_isolated(config, cell, only=missing))
+            if extra["status"] == "ok":
+                write_cell(out, cell, done | {"metrics": {**done["metrics"], **extra["metrics"]}})
+                write_results(out)
+                log(f"[{i}/{len(todo)}] {cell.key}: added in {extra['wall_time_s']:.1f} s")
+            else:  # the finished row stays as it was; the next rerun tries again
+                log(f"[{i}/{len(todo)}] {cell.key}: adding {', '.join(missing)} FAILED ({extra['error']})")
             continue
         log(f"[{i}/{len(todo)}] {cell.key}: running")
         row = run_cell_subprocess(config, cell) if subprocesses else run_cell_isolated(config, cell)
@@ -305,12 +318,22 @@ def grid_command(out: Path) -> str:
     return "\n".join(grid_commands(out))
 
 
-def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
-    """Run one cell; any exception becomes a row with status "error" (the traceback goes to ``cells/KEY.log``)."""
+def missing_eval_sets(config: GridConfig, cell: Cell, row: dict) -> list[str]:
+    """The OOD sets of this grid that a finished cell's row has no metrics for (``--ood`` files added on a rerun)."""
+    if cell.dataset != config.ood_train:
+        return []
+    have = row.get("metrics") if isinstance(row.get("metrics"), dict) else {}
+    names = [f"ood:{name}" for name in config.ood_tasks] + [f"ood:{_safe(path)}" for path in config.ood_files]
+    return [name for name in names if name not in have]
+
+
+def run_cell_isolated(config: GridConfig, cell: Cell, only: list[str] | None = None) -> dict:
+    """Run one cell (``only``: evaluate its finished run on these sets and nothing else); any exception becomes a
+    row with status "error" (the traceback goes to ``cells/KEY.log``)."""
     t0 = time.perf_counter()
     row: dict = {"method": cell.method, "dataset": cell.dataset, "seed": cell.seed}
     try:
-        row.update(run_cell(config, cell))
+        row.update(run_cell(config, cell, only=only))
         row["status"], row["error"] = "ok", None
     except Exception as exc:  # noqa: BLE001 - crash isolation: record and go on with the next cell
         row["status"], row["error"] = "error", f"{type(exc).__name__}: {exc}"
@@ -331,11 +354,11 @@ def run_cell_isolated(config: GridConfig, cell: Cell) -> dict:
 CELL_COMMAND = [sys.executable, "-m", "bayeslora.bench.grid"]
 
 
-def run_cell_subprocess(config: GridConfig, cell: Cell) -> dict:
+def run_cell_subprocess(config: GridConfig, cell: Cell, only: list[str] | None = None) -> dict:
     """Run one cell in a child process (see :func:`run_grid`); a child that dies becomes an error row."""
     out = Path(config.out)
     request = out / CELLS_DIR / f"{cell.key}.request.json"
-    atomic_write_text(request, json.dumps({"config": asdict(config), "cell": asdict(cell)}))
+    atomic_write_text(request, json.dumps({"config": asdict(config), "cell": asdict(cell), "only": only}))
     result_path = out / CELLS_DIR / f"{cell.key}.child.json"
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -380,17 +403,24 @@ def main(argv: list[str] | None = None) -> int:
     """Child-process entry: ``python -m bayeslora.bench.grid REQUEST.json RESULT.json`` runs one cell."""
     request_path, result_path = (argv if argv is not None else sys.argv[1:])[:2]
     request = json.loads(Path(request_path).read_text())
-    row = run_cell_isolated(config_from_dict(request["config"]), Cell(**request["cell"]))
+    row = run_cell_isolated(config_from_dict(request["config"]), Cell(**request["cell"]), only=request.get("only"))
     atomic_write_text(Path(result_path), json_text(row))
     return 0
 
 
-def run_cell(config: GridConfig, cell: Cell) -> dict:
-    """Train (or Bayesianize) and evaluate one cell; returns its timings and metrics."""
+def run_cell(config: GridConfig, cell: Cell, only: list[str] | None = None) -> dict:
+    """Train (or Bayesianize) and evaluate one cell; returns its timings and metrics. With ``only``, the cell's
+    finished run is evaluated on those sets alone (and its in-distribution reference set for the OOD AUROC)."""
     from ..methods import get_method_class
     from ..runs import load_run
 
     out = Path(config.out)
+    if only is not None:
+        run_dir = out / RUNS_DIR / cell.run_name
+        if not _run_done(run_dir):
+            raise GridError(f"{run_dir} is not a finished run: remove {CELLS_DIR}/{cell.key}.json to redo the cell")
+        run = load_run(run_dir, model_spec=config.model)
+        return {"metrics": evaluate_cell(config, cell, run, out / CELLS_DIR / cell.key, only=only)}
     timings: dict = {}
     if getattr(get_method_class(cell.method), "posthoc", False):
         source = ensure_trained(config, Cell(MLE, cell.dataset, cell.seed), timings, prefix="mle_")
@@ -523,13 +553,18 @@ def ood_sets(config: GridConfig) -> dict[str, list]:
     return {name: subsample(examples, config.preset.eval_limit) for name, examples in sets.items()}
 
 
-def evaluate_cell(config: GridConfig, cell: Cell, run, pred_dir: Path) -> dict[str, dict]:
-    """Metrics per evaluation set: in-distribution splits, and for OBQA cells the OOD protocol."""
+def evaluate_cell(config: GridConfig, cell: Cell, run, pred_dir: Path,
+                  only: list[str] | None = None) -> dict[str, dict]:
+    """Metrics per evaluation set: in-distribution splits, and for OBQA cells the OOD protocol. With ``only``, the
+    metrics of those sets (the in-distribution reference of their AUROC is evaluated again, not returned)."""
     from ..evaluate import evaluate_examples
 
     sets = eval_sets(config, cell.dataset)
     if cell.dataset == config.ood_train:
         sets.update(ood_sets(config))
+    if only is not None:
+        reference = "test" if "test" in sets else "validation"
+        sets = {name: examples for name, examples in sets.items() if name in only or name == reference}
     results: dict[str, dict] = {}
     preds: dict[str, Predictive] = {}
     for name, examples in sets.items():
@@ -542,7 +577,7 @@ def evaluate_cell(config: GridConfig, cell: Cell, run, pred_dir: Path) -> dict[s
     for name in [n for n in preds if n.startswith("ood:")]:
         results[name].update(ood_auroc(preds[in_name], preds[name]))
         results[name]["ood_reference"] = in_name
-    return results
+    return results if only is None else {name: m for name, m in results.items() if name in only}
 
 
 def save_predictions(path: Path, pred: Predictive, labels: torch.Tensor) -> None:
@@ -609,10 +644,33 @@ def read_results(out: Path) -> list[dict]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise GridError(f"{path}:{i} is not valid JSON ({exc.msg})") from None
+            problem = row_problem(row)
+            if problem:
+                raise GridError(f"{path}:{i} is not a grid cell's row: {problem}")
+            rows.append(row)
     return rows
+
+
+#: a row's fields the reports read, and their types (``metrics`` only in rows with status "ok")
+ROW_FIELDS = {"method": (str, "a string"), "dataset": (str, "a string"), "seed": (int, "an integer"),
+              "status": (str, "a string")}
+
+
+def row_problem(row) -> str | None:
+    """What makes ``row`` unusable for a report (``None`` when it is usable)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    for key, (kind, name) in ROW_FIELDS.items():
+        if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+            return f"{key!r} should be {name}, got {row.get(key)!r}"
+    if row["status"] == "ok":
+        metrics = row.get("metrics")
+        if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+            return "'metrics' should map each evaluation set to its metrics"
+    return None
 
 
 __all__ = ["DATASETS", "PRESETS", "Cell", "GridConfig", "GridError", "Preset", "cells", "make_config", "run_grid"]

@@ -63,19 +63,26 @@ def split_table(rows: list[dict], split: str, metrics=METRICS) -> dict | None:
     names = ([n for n in _order(k for r in rows for k in r.get("metrics", {})) if n.startswith("ood:")]
              if split == "ood" else [split])
     values: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    seeds: dict[tuple[str, str], list[int]] = defaultdict(list)
     for r in rows:
         for name in names:
             if name in r.get("metrics", {}):
-                values[(r["dataset"] if split != "ood" else name.removeprefix("ood:"), r["method"])].append(
-                    r["metrics"][name])
+                key = (r["dataset"] if split != "ood" else name.removeprefix("ood:"), r["method"])
+                values[key].append(r["metrics"][name])
+                seeds[key].append(r["seed"])
     if not values:
         return None
     datasets = _order(d for d, _ in values)
     methods = _order(r["method"] for r in rows)
     body = {f"{d} / {m}": [*(format_cell([v.get(key) for v in values[(d, m)]], scale, decimals)
-                             for key, _, scale, decimals in metrics), str(len(values[(d, m)]))]
+                             for key, _, scale, decimals in metrics), seed_list(seeds[(d, m)])]
             for d in datasets for m in methods if (d, m) in values}
     return {"columns": [*(title for _, title, _, _ in metrics), "seeds"], "rows": body}
+
+
+def seed_list(seeds: list[int]) -> str:
+    """The seeds a row averages, e.g. ``1, 2, 3``."""
+    return ", ".join(str(s) for s in sorted(seeds))
 
 
 SECTIONS = (("validation", "In-distribution, validation split", METRICS),
@@ -164,9 +171,11 @@ def tables_markdown(rows: list[dict]) -> str:
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
-def _pooled(out: Path, rows: list[dict], method: str, dataset: str, split: str) -> tuple[torch.Tensor, ...] | None:
-    """Concatenated predictions of a method x dataset over its seeds (``None`` when none were saved)."""
-    probs, labels = [], []
+def _pooled(out: Path, rows: list[dict], method: str, dataset: str,
+            split: str) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+    """Concatenated predictions of a method x dataset over its seeds, and those seeds (``None`` when none were
+    saved)."""
+    probs, labels, seeds = [], [], []
     for r in _ok(rows):
         if r["method"] == method and r["dataset"] == dataset:
             path = Path(out) / CELLS_DIR / Cell(method, dataset, r["seed"]).key / f"{split}.safetensors"
@@ -174,11 +183,16 @@ def _pooled(out: Path, rows: list[dict], method: str, dataset: str, split: str) 
                 saved = load_predictions(path)
                 probs.append(saved["probs"])
                 labels.append(saved["labels"])
+                seeds.append(r["seed"])
     if not probs:
         return None
     width = max(p.shape[1] for p in probs)
     probs = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs]
-    return torch.cat(probs), torch.cat(labels)
+    return torch.cat(probs), torch.cat(labels), seeds
+
+
+def _seeds_label(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seed_list(seeds)} pooled"
 
 
 def risk_coverage_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, title: str = "") -> Path:
@@ -202,7 +216,8 @@ def risk_coverage_plot(curves: dict[str, tuple[torch.Tensor, torch.Tensor]], pat
 
 
 def make_figures(out: Path, rows: list[dict], split: str = "validation") -> list[Path]:
-    """Reliability diagram per method x dataset and risk-coverage plot per dataset (pooled over seeds)."""
+    """Reliability diagram per method x dataset and risk-coverage plot per dataset: each seed's questions are
+    pooled into one curve (the seeds are named in the titles and legends; the tables give the spread over seeds)."""
     from ..plots import reliability_diagram
 
     out = Path(out)
@@ -210,19 +225,24 @@ def make_figures(out: Path, rows: list[dict], split: str = "validation") -> list
     paths = []
     methods = _order(r["method"] for r in _ok(rows))
     for dataset in _order(r["dataset"] for r in _ok(rows)):
-        curves = {}
+        curves, all_seeds = {}, set()
         for method in methods:
             pooled = _pooled(out, rows, method, dataset, split)
             if pooled is None:
                 continue
-            probs, labels = pooled
+            probs, labels, seeds = pooled
             paths.append(reliability_diagram(probs, labels, fig_dir / f"reliability_{method}-{_safe(dataset)}.png",
-                                             title=f"{method} on {dataset} ({split})"))
+                                             title=f"{method} on {dataset} ({split}, {_seeds_label(seeds)})"))
             conf, pred = probs.max(-1)
-            curves[method] = (conf, pred == labels)
+            curves[method] = (conf, pred == labels, seeds)
+            all_seeds.update(seeds)
+        # a method with fewer seeds than the others names its own in the legend
+        curves = {name if sorted(seeds) == sorted(all_seeds) else f"{name}, {_seeds_label(seeds)}": (conf, ok)
+                  for name, (conf, ok, seeds) in curves.items()}
         if curves:
             paths.append(risk_coverage_plot(curves, fig_dir / f"risk_coverage_{_safe(dataset)}.png",
-                                            title=f"Selective prediction on {dataset} ({split})"))
+                                            title=f"Selective prediction on {dataset} ({split}, "
+                                                  f"{_seeds_label(sorted(all_seeds))})"))
     return paths
 
 
