@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 
 from bayeslora.cli import main
+
+
+def strict_json(text: str):
+    """JSON as a strict reader takes it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_bench_speed_writes_tables(tmp_path, capsys):
@@ -13,7 +20,8 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     code = main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
                  "--steps", "1", "--repeats", "1", "--samples", "2,3", "--md", str(md), "--json", str(raw)])
     assert code == 0
-    result = json.loads(raw.read_text())
+    result = strict_json(raw.read_text())
+    assert len(result["commits"]) == 1 and result["commits"][0]  # the code that measured, as `git_commit` names it
     assert [r["method"] for r in result["train"]] == ["blob"]
     assert result["train"][0]["x_step"] == 1.0
     kinds = {(r["predictive"], r["samples"]) for r in result["predictive"]}
@@ -22,14 +30,16 @@ def test_bench_speed_writes_tables(tmp_path, capsys):
     assert ("MC, batched forwards of 2 samples (sample_chunk=2)", 3) in kinds  # chunks of 2 and 1
     memory = result["predictive_memory"]  # one fresh subprocess per row, S = 3
     assert [r["samples"] for r in memory] == [0, 3, 3, 3, 3]
-    assert memory[0]["x_peak"] == 1.0 or math.isnan(memory[0]["x_peak"])  # nan: no growth at all
+    assert memory[0]["x_peak"] in (1.0, None)  # None: no growth at all
     assert all(r["peak_mib"] >= 0 for r in memory)
     # a rerun with the same options reuses the saved parts (a benchmark cut by a time limit goes on)
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--dataset", "arith", "--methods", "blob",
                  "--steps", "1", "--repeats", "1", "--samples", "2,3", "--json", str(raw)]) == 0
     assert "reusing the finished parts" in capsys.readouterr().err
+    assert strict_json(raw.read_text())["commits"] == result["commits"]  # reused parts, the same code
     text = md.read_text()
     assert "| blob |" in text and "Versions:" in text and "bench speed" in text
+    assert f"bayeslora commit: {result['commits'][0]}." in text
     assert "Peak memory of one predictive" in text and "| MC, sequential forwards | 3 |" in text
     one_pass, shared = result["scoring"]
     assert one_pass["scoring"].startswith("one pass") and shared["scoring"].startswith("shared")
@@ -79,13 +89,15 @@ def test_bench_speed_posthoc_part(tmp_path):
                  "--batch-size", "4", "--keep-mle", str(tmp_path / "mle"),
                  "--md", str(md), "--json", str(raw)]) == 0
     assert json.loads((tmp_path / "mle" / "run.json").read_text())["method"] == "mle"  # kept, a usable run
-    rows = json.loads(raw.read_text())["posthoc"]
+    rows = strict_json(raw.read_text())["posthoc"]
     assert [r["method"] for r in rows] == ["mle (one epoch)", "temperature", tfb]
     assert rows[2]["details"]["n_evaluations"] <= 4  # the bisection's 2 + search_steps evaluations at most
     assert rows[0]["x_epoch"] == 1.0 and all(r["fit_s"] > 0 for r in rows)
+    assert rows[0]["peak_mib"] is None  # not measured for the epoch: null in the JSON, "–" in the table
     assert rows[1]["split"] == "validation" and rows[2]["split"] == "train" and rows[2]["n_examples"] == 8
     text = md.read_text()
     assert "Post-hoc fit vs one MLE epoch" in text and f"| {tfb} | train | 8 |" in text
+    assert "| 1.00 | – |" in text.split("| mle (one epoch) |")[1].splitlines()[0]
     assert "temperature " in text.split("| temperature |")[1].splitlines()[0]  # the fitted temperature is shown
 
 
@@ -143,3 +155,20 @@ def test_bench_speed_rounds(tmp_path):
     text = md.read_text()
     assert "2 rounds, each one subprocess per method in turn" in text and "lm_head, bfloat16." in text
     assert main(["bench", "speed", "--model", "tiny-random-llama", "--rounds", "0"]) == 2
+
+
+def test_reused_parts_keep_the_commit_that_measured_them(tmp_path, monkeypatch):
+    """A rerun on other code reuses the saved parts and names both commits; a saved None renders as "–"."""
+    from bayeslora.bench import speed
+
+    raw = tmp_path / "speed.json"
+    config = speed.SpeedConfig(model="tiny-random-llama", dataset="arith", methods=["mle"], parts=["train"])
+    row = {"method": "mle", "step_s": 0.5, "x_step": 1.0, "peak_mib": 0.0, "x_peak": None, "trainable_params": 8}
+    from dataclasses import asdict
+
+    raw.write_text(json.dumps({"config": asdict(config), "device": "cpu", "commits": ["aaaaaaa"], "train": [row]}))
+    monkeypatch.setattr(speed, "git_commit", lambda: "bbbbbbb")
+    result = speed.run_speed(config, log=lambda m: None, partial=raw)
+    assert result["commits"] == ["aaaaaaa", "bbbbbbb"] and result["train"] == [row]
+    text = speed.format_markdown(result, "bayeslora bench speed")
+    assert "| mle | 0.500 | 1.00 | 0 | – | 8 |" in text and "bayeslora commits: aaaaaaa, bbbbbbb." in text

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, json_text
 from .environment import environment_lines
+from .grid import git_commit
 
 
 PARTS = ("train", "predictive", "scoring", "posthoc")
@@ -334,7 +335,7 @@ def measure_posthoc(config: SpeedConfig, log=print) -> list[dict]:
                        Path(config.keep_mle) if config.keep_mle else Path(tmp) / "mle", progress=False)
         epoch = json.loads((Path(source) / "run.json").read_text())["train_time_s"]
         log(f"[speed] posthoc: MLE epoch {epoch:.1f} s")
-        rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": float("nan"),
+        rows = [{"method": "mle (one epoch)", "fit_s": epoch, "peak_mib": None,
                  "n_examples": config.fit_questions, "split": "train"}]
         for i, entry in enumerate(config.posthoc_methods):
             log(f"[speed] posthoc: {entry}")
@@ -359,11 +360,14 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
     from ..tasks import load_task
 
     load_task(config.dataset, "train", config.data_dir, limit=config.batch_size)  # a bad name fails here, not in a child
-    result = {"config": asdict(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    result = {"config": asdict(config), "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "commits": [git_commit()]}
     if partial is not None and Path(partial).is_file():
         saved = json.loads(Path(partial).read_text())
         if saved.get("config") == result["config"]:
-            result = saved
+            # the parts measured by another commit keep it on record: a table may mix code versions
+            commits = [c for c in saved.get("commits", ["unknown"]) if c != result["commits"][0]]
+            result = saved | {"commits": [*commits, *result["commits"]]}
             done = [k for k in PARTS if k in saved]
             log(f"[speed] reusing the finished parts in {partial}: {done}")
     if "train" in config.parts and "train" not in result:
@@ -383,7 +387,7 @@ def run_speed(config: SpeedConfig, log=print, partial: Path | None = None) -> di
         log("[speed] predictive: peak memory, one subprocess per row")
         rows = [_subprocess("--predictive-peak", config, str(i)) for i in range(len(PEAK_ROWS))]
         for row in rows:
-            row["x_peak"] = row["peak_mib"] / rows[0]["peak_mib"] if rows[0]["peak_mib"] > 0 else float("nan")
+            row["x_peak"] = row["peak_mib"] / rows[0]["peak_mib"] if rows[0]["peak_mib"] > 0 else None
         result["predictive_memory"] = rows
         _save_partial(partial, result)
     if "scoring" in config.parts and "scoring" not in result:
@@ -411,14 +415,19 @@ def train_rows(runs: dict[str, list[dict]]) -> list[dict]:
         row["step_s_rounds"] = [m["step_s"] for m in measured]
         row["x_step_range"] = [min(ratios), max(ratios)]
         peak_ref = statistics.median(m["peak_mib"] for m in runs[ref])
-        row["x_peak"] = row["peak_mib"] / peak_ref if peak_ref > 0 else float("nan")
+        row["x_peak"] = row["peak_mib"] / peak_ref if peak_ref > 0 else None
         rows.append(row)
     return rows
 
 
 def _save_partial(path: Path | None, result: dict) -> None:
     if path is not None:
-        atomic_write_text(Path(path), json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(path), json_text(result, indent=2) + "\n")
+
+
+def _num(value, spec: str) -> str:
+    """``value`` formatted with ``spec``; "–" where nothing was measured (``None``, NaN)."""
+    return "–" if value is None or value != value else format(value, spec)
 
 
 def format_markdown(result: dict, command: str) -> str:
@@ -435,7 +444,9 @@ def format_markdown(result: dict, command: str) -> str:
         lines += _scoring_lines(result)
     if "posthoc" in parts:
         lines += _posthoc_lines(result)
-    lines += ["Command:", "", "```", command, "```", "", *environment_lines()]
+    commits = ", ".join(result.get("commits") or ["not recorded"])
+    lines += ["Command:", "", "```", command, "```", "", *environment_lines(),
+              f"bayeslora commit{'s' if ',' in commits else ''}: {commits}."]
     return "\n".join(lines) + "\n"
 
 
@@ -458,8 +469,8 @@ def _train_lines(result: dict) -> list[str]:
         ratio = f"{r['x_step']:.2f}"
         if rounds > 1 and "x_step_range" in r:
             ratio += f" ({r['x_step_range'][0]:.2f}-{r['x_step_range'][1]:.2f})"
-        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {ratio} | {r['peak_mib']:.0f} | "
-                     f"{r['x_peak']:.2f} | {r['trainable_params']:,} |")
+        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {ratio} | {_num(r['peak_mib'], '.0f')} | "
+                     f"{_num(r['x_peak'], '.2f')} | {r['trainable_params']:,} |")
     return [*lines, ""]
 
 
@@ -475,7 +486,8 @@ def _predictive_lines(result: dict) -> list[str]:
                   "(growth of the peak RSS on CPU, `max_memory_allocated` on CUDA, model loading excluded):", "",
                   "| predictive | S | peak MiB | x deterministic |", "|---|---|---|---|"]
         for r in result["predictive_memory"]:
-            lines.append(f"| {r['predictive']} | {r['samples']} | {r['peak_mib']:.0f} | {r['x_peak']:.2f} |")
+            lines.append(f"| {r['predictive']} | {r['samples']} | {_num(r['peak_mib'], '.0f')} | "
+                         f"{_num(r['x_peak'], '.2f')} |")
     return [*lines, ""]
 
 
@@ -506,11 +518,10 @@ def _posthoc_lines(result: dict) -> list[str]:
     lines += ["| fit | split | questions | seconds | x MLE epoch | peak MiB | fitted |",
               "|---|---|---|---|---|---|---|"]
     for r in result["posthoc"]:
-        peak = "–" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
         details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in r.get("details", {}).items()) or "–"
         lines.append(f"| {r['method']} | {r['split']} | {r['n_examples']} | {r['fit_s']:.1f} | {r['x_epoch']:.2f} | "
-                     f"{peak} | {details} |")
+                     f"{_num(r['peak_mib'], '.0f')} | {details} |")
     return [*lines, ""]
 
 
@@ -522,7 +533,7 @@ def write_speed(result: dict, md_path: Path | None, json_path: Path | None, comm
             "Speed: cloze scoring with a shared context vs one pass per row"
         atomic_write_text(Path(md_path), f"# {title}\n\n" + text)
     if json_path is not None:
-        atomic_write_text(Path(json_path), json.dumps(result, indent=2) + "\n")
+        atomic_write_text(Path(json_path), json_text(result, indent=2) + "\n")
     return text
 
 
