@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -66,6 +67,27 @@ def test_temperature_lowers_nll_of_overconfident_logits():
     t = fit_temperature(logits, labels)
     nll = lambda z: torch.nn.functional.cross_entropy(z, labels)  # noqa: E731
     assert t > 3.0 and nll(logits / t) < nll(logits) - 0.1
+
+
+@pytest.mark.parametrize("informative, bound", [(False, "e^6"), (True, "e^-6")])
+def test_temperature_at_its_limit_is_said(monkeypatch, informative, bound):
+    """T is clamped to [e^-6, e^6]; a fit that stops there says so (run.json and a warning) instead of silently."""
+    from bayeslora.methods import temperature
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    logits = -5.0 * torch.nn.functional.one_hot(labels, 4).float()  # wrong everywhere: the NLL falls as T grows
+    monkeypatch.setattr(temperature, "collect_logits", lambda *a: (logits, labels))
+    if informative:  # separable logits: T -> 0, though L-BFGS stops early once the NLL is flat at 0
+        monkeypatch.setattr(temperature, "fit_temperature", lambda *a: math.exp(-6.0))
+    with pytest.warns(UserWarning, match="T stopped at the limit " + re.escape(bound)):
+        info = temperature.Temperature().fit(None, None, [])
+    assert info["temperature"] == pytest.approx(math.exp(6.0 if not informative else -6.0))
+    assert "50 questions" in info["note"]
+    clean = 2.0 * torch.randn(50, 4, generator=g) + 2.0 * torch.nn.functional.one_hot(labels, 4)
+    monkeypatch.undo()
+    monkeypatch.setattr(temperature, "collect_logits", lambda *a: (clean, labels))
+    assert "note" not in temperature.Temperature().fit(None, None, [])
 
 
 def test_plain_peft_adapter_input(peft_adapter, tmp_path):

@@ -7,6 +7,8 @@ confidence, never the predicted class.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,8 @@ from .posthoc_base import PosthocMethod, collect_logits
 from .registry import register_method
 
 STATE_KEY = "log_temperature"
+#: |log T| is clamped here: a perfectly separable fit set pushes T -> 0, logits that carry no information T -> inf
+LOG_T_LIMIT = 6.0
 
 
 @dataclass
@@ -53,8 +57,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     opt.step(closure)
-    # clamp: a perfectly separable fit set would push T -> 0 (log T -> -inf)
-    return float(log_t.detach().clamp(-6.0, 6.0).exp())
+    return float(log_t.detach().clamp(-LOG_T_LIMIT, LOG_T_LIMIT).exp())
 
 
 @register_method
@@ -79,7 +82,16 @@ class Temperature(PosthocMethod):
         t = fit_temperature(logits, labels, self.config.max_iter)
         self.log_temperature = torch.tensor(t).log()
         nll_after = float(torch.nn.functional.cross_entropy(scaled_logits(logits, torch.tensor(t)), labels))
-        return {"temperature": t, "nll_before": nll_before, "nll_after": nll_after}
+        info = {"temperature": t, "nll_before": nll_before, "nll_after": nll_after}
+        if abs(math.log(t)) >= LOG_T_LIMIT - 1e-9:
+            why = ("the adapter separates the fit questions perfectly, so the NLL keeps falling as T -> 0" if t < 1
+                   else "on the fit set the adapter's logits do no better than a uniform guess (they carry no "
+                        "information about the answers, or point away from them), so the NLL keeps falling as T "
+                        "grows and the scaled predictive is close to uniform")
+            info["note"] = (f"T stopped at the limit e^{'-' if t < 1 else ''}{LOG_T_LIMIT:g} = {t:.4g}: {why}; "
+                            f"check the fit set ({len(labels)} questions)")
+            warnings.warn(info["note"], stacklevel=2)
+        return info
 
     @torch.no_grad()
     def predict(self, model, scorer, batch, n_samples=None, generator=None) -> Predictive:

@@ -120,7 +120,9 @@ class TFBConfig(SampledConfig):
                                                             "(the paper's bisection in log sigma)"})
     tolerance: str = field(default="relative", metadata={
         "help": "relative (|change| / NLL(0) <= tau) | per-anchor (reference code: ratio / n_anchor <= tau)"})
-    sigma_min: float = field(default=1e-5, metadata={"help": "lower end of the sigma search"})
+    sigma_min: float = field(default=1e-5, metadata={"help": "lower end of the sigma search (fit=val_nll with "
+                                                             "predictive=mc|antithetic scans up from max(1e-3, "
+                                                             "sigma_min))"})
     sigma_max: float = field(default=1.0, metadata={"help": "upper end of the sigma search"})
     search_dtype: str = field(default="float32", metadata={"help": "float32 (a half-precision model is searched in "
                                                                    "float32) | model (its own dtype)"})
