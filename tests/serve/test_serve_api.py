@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
 
@@ -299,3 +300,30 @@ def test_an_abandoned_request_stops_generating(tiny_base_run, start_server, monk
                        trust_env=False, timeout=0.3)
         service.submit(lambda: None).result(60)  # behind the abandoned request on the worker
     assert len(answers) == 1 and answers[0].usage.completion_tokens < 1000
+
+
+def test_an_ending_stop_token_is_not_part_of_the_answer(tiny_base_run):
+    """The end-of-turn token ends the text: it is counted in the usage but is in neither the logprobs (streamed or
+    not: they agree) nor the confidence, which describes the answer's own tokens."""
+    from bayeslora.serve import protocol as P
+
+    service = InferenceService(tiny_base_run, ServeSettings(max_tokens=8))
+    ask = dict(model=MODEL, prompt="1+1=", max_tokens=8, temperature=1.0, seed=7, logprobs=1)
+    free = service.completion(P.CompletionRequest(**ask))
+    tokens = free.choices[0].logprobs.tokens
+    req = P.CompletionRequest(**ask)
+    ids = [s.token_id for s in service._generate(service._ids("1+1="), service._decode_params(req, 8, 1), [],
+                                                 service._generator(7)).steps]
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # its first new token ends it
+    service.stop_ids = frozenset({ids[k]})
+    chunks: list = []
+    out = service.completion(P.CompletionRequest(**ask))
+    streamed = service.completion(P.CompletionRequest(**ask, stream=True), emit=chunks.append)
+    for resp in (out, streamed):
+        choice = resp.choices[0]
+        assert choice.finish_reason == "stop" and choice.logprobs.tokens == tokens[:k]
+        assert choice.confidence.n_tokens == k and resp.usage.completion_tokens == k + 1
+    streamed_tokens = [t for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.tokens]
+    assert streamed_tokens == tokens[:k]
+    kept = free.choices[0].logprobs.token_logprobs[:k]
+    assert out.choices[0].confidence.score == pytest.approx(math.exp(sum(kept) / k), rel=1e-5)

@@ -19,6 +19,8 @@ One decoding step with ``S`` posterior samples (``S = 1``: deterministic):
 Sequence confidence (``Confidence.score``): the geometric mean of the emitted tokens' probabilities under the
 untempered mean predictive, ``exp(mean_t log p_t(token_t))``, in [0, 1]: 1 when the model was certain of every token,
 and the per-token "average surprise" otherwise (it does not shrink with length as the joint probability does).
+The stop token that ends an answer is not counted: its probability says where the answer ends, not how sure the
+model is of it (for a short answer it would dominate the mean).
 """
 
 from __future__ import annotations

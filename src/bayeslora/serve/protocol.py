@@ -128,7 +128,7 @@ class Confidence(BaseModel):
     """bayeslora extension: how much to trust a generated sequence.
 
     ``score`` is the geometric mean of the emitted tokens' probabilities under the mean predictive
-    (``exp(mean_t log p(token_t))``), in [0, 1]; entropies in nats.
+    (``exp(mean_t log p(token_t))``), in [0, 1]; an ending stop token is not one of them. Entropies in nats.
     """
 
     score: float = Field(ge=0.0, le=1.0)

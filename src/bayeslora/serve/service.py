@@ -118,8 +118,9 @@ def base_run(model_spec: str | None = None, max_length: int = 512) -> Run:
 class _Generated:
     text: str
     finish_reason: str
-    steps: list[TokenStep]
+    steps: list[TokenStep]  # the tokens of the text (an ending stop token is not one of them)
     confidence: P.Confidence
+    n_generated: int  # tokens the model generated, an ending stop token included (the usage's completion tokens)
 
 
 # ----------------------------------------------------------------------------------------------------- service
@@ -347,11 +348,13 @@ class InferenceService:
         steps: list[TokenStep] = []
         finish = "length"
         should_stop = cancelled.is_set if cancelled is not None else (lambda: False)
+        ended = 0
         for step in decode(self.run.model, self.run.method, prompt_ids, params, generator, should_stop):
-            steps.append(step)
             if step.token_id in params.stop_token_ids:
-                finish = "stop"
+                # the end-of-turn token is no part of the answer: not in its logprobs (as in a stream) or confidence
+                finish, ended = "stop", 1
                 break
+            steps.append(step)
             delta, stopped = matcher.push(step.token_id)
             if on_delta is not None:
                 on_delta(delta, step)
@@ -361,7 +364,7 @@ class InferenceService:
         tail = matcher.flush()
         if tail and on_delta is not None:
             on_delta(tail, None)
-        return _Generated(matcher.text, finish, steps, self._confidence(steps, params))
+        return _Generated(matcher.text, finish, steps, self._confidence(steps, params), len(steps) + ended)
 
     def _confidence(self, steps: list[TokenStep], params: DecodeParams) -> P.Confidence:
         n = len(steps)
@@ -417,7 +420,7 @@ class InferenceService:
             response.choices.append(P.ChatChoice(index=index, message=P.ResponseMessage(content=out.text),
                                                  finish_reason=out.finish_reason, logprobs=logprobs,
                                                  confidence=out.confidence))
-            response.usage.completion_tokens += len(out.steps)
+            response.usage.completion_tokens += out.n_generated
             if emit is not None:
                 emit(chunk(P.ChatChunkChoice(index=index, delta=P.DeltaMessage(), finish_reason=out.finish_reason,
                                              confidence=out.confidence)))
@@ -473,7 +476,7 @@ class InferenceService:
                         if delta or lp:
                             emit(chunk(P.CompletionChoice(index=index, text=delta, finish_reason=None, logprobs=lp)))
                 out = self._generate(ids, params, req.stop_list(), generator, on_delta, cancelled)
-                usage.completion_tokens += len(out.steps)
+                usage.completion_tokens += out.n_generated
                 response.choices.append(P.CompletionChoice(
                     index=index, text=(text if req.echo else "") + out.text, finish_reason=out.finish_reason,
                     logprobs=self._completion_logprobs(out.steps) if req.logprobs is not None else None,
