@@ -122,3 +122,50 @@ def test_unknown_method_is_an_error():
         build_method("nope")
     with pytest.raises(MethodError, match="Unknown option"):
         build_method("blob", {"no_such_option": 1})
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_damaged_adapter_is_refused_on_load(name, examples, tmp_path):
+    """PEFT only warns about adapter weights it does not find and keeps their random initial values: a saved
+    adapter that lost a tensor (or is not LoRA) must not evaluate as if it were the trained one."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    method, model, scorer, _ = _setup(name, examples)
+    method.save(model, tmp_path / "run")
+    members = sorted((tmp_path / "run" / "adapter").glob("**/adapter_model.safetensors"))
+    for weights in members:  # the ensemble's members too
+        damaged = tmp_path / f"damaged-{weights.parent.name}"
+        shutil.copytree(tmp_path / "run", damaged)
+        path = damaged / weights.relative_to(tmp_path / "run")
+        state = load_file(str(path))
+        state.pop(sorted(k for k in state if ".lora_A" in k)[0])
+        save_file(state, str(path))
+        with pytest.raises(MethodError, match="is not usable: its LoRA weights do not match.*1 missing"):
+            build_method(name, method.config.to_dict()).load(load_model(TINY).model, damaged)
+    foreign = tmp_path / "ia3"
+    shutil.copytree(tmp_path / "run", foreign)
+    config = json.loads((foreign / "adapter" / "adapter_config.json").read_text())
+    (foreign / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(MethodError, match="holds a 'IA3' adapter, not LoRA"):
+        build_method(name, method.config.to_dict()).load(load_model(TINY).model, foreign)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if not getattr(cls, "posthoc", False)))
+def test_plain_peft_loads_the_posterior_mean(name, examples, tmp_path):
+    """README: `PeftModel.from_pretrained(base, RUN/adapter)` gives the method's deterministic predictive
+    (``--samples 0``). sgp used to save its generated factors' unused initial weights there."""
+    from peft import PeftModel
+
+    method, model, scorer, _ = _setup(name, examples)
+    _step(method, model, scorer, examples)
+    _step(method, model, scorer, examples)  # trained factors away from their initial values
+    expected = _predict(method, model, scorer, examples, n_samples=0).probs
+    method.save(model, tmp_path)
+    plain = PeftModel.from_pretrained(load_model(TINY).model, str(tmp_path / "adapter"))
+    plain.eval()
+    with torch.no_grad():
+        got = torch.softmax(scorer.choice_logits(plain, scorer.encode(examples[4:8])).float(), -1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -278,6 +278,29 @@ def test_missing_or_corrupted_posterior(tmp_path, capsys):
     assert len(err) == 1 and "posterior" in err[0]
 
 
+def test_nan_in_a_saved_adapter_or_posterior_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = _tiny_run(tmp_path, "blob")
+    for path, metadata in ((run_dir / "posterior.safetensors", {"method": "blob"}),
+                           (run_dir / "adapter" / "adapter_model.safetensors", {"format": "pt"})):
+        original = path.read_bytes()
+        state = load_file(str(path))
+        key = sorted(state)[0]
+        state[key] = torch.full_like(state[key], float("nan"))
+        save_file(state, str(path), metadata=metadata)
+        with pytest.raises(MethodError, match="NaN/inf"):
+            load_run(run_dir)
+        path.write_bytes(original)
+    load_run(run_dir)
+
+
+def test_ensemble_size_is_bounded():
+    """A hand-edited `n_members` of a billion filled 24 GB building member names before any check."""
+    with pytest.raises(MethodError, match="from 1 to 64"):
+        build_method("ens", {"n_members": 1_000_000_000})
+
+
 def test_unknown_method_on_the_cli(tmp_path, capsys):
     assert main(["train", "--model", TINY, "--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "Unknown method 'nope'" in capsys.readouterr().err

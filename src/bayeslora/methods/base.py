@@ -16,6 +16,7 @@ Methods never touch the global RNG: randomness comes from the ``torch.Generator`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,8 @@ from ..scoring import ChoiceScorer, EncodedBatch
 POSTERIOR_FILE = "posterior.safetensors"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"  # training checkpoints (bayeslora.train)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class MethodError(ValueError):
@@ -53,6 +56,8 @@ class AdapterConfig:
             raise MethodError(f"Expected LoRA rank `r` to be a positive int, but got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MethodError(f"Expected LoRA `dropout` in [0, 1), but got {self.dropout!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise MethodError(f"Expected LoRA `alpha` to be a finite number > 0, but got {self.alpha!r}")
         if not self.target_modules:
             raise MethodError("Expected at least one LoRA target module")
 
@@ -178,6 +183,48 @@ class SampledConfig(MethodConfig):
 
     def sample_plan(self) -> SamplePlan:
         return SamplePlan(chunk=self.sample_chunk, mean_prompt=self.prompt == "mean")
+
+
+def adapter_config_problem(adapter_dir: Path) -> str | None:
+    """Why ``adapter_dir``'s config is not a LoRA adapter's (``None`` when it is); checked before PEFT loads it."""
+    import json
+
+    try:
+        peft_type = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return f"{ADAPTER_CONFIG} is not a readable JSON object"
+    if str(peft_type).upper() != "LORA":
+        return f"it holds a {peft_type!r} adapter, not LoRA"
+    return None
+
+
+def adapter_weights_problem(model: torch.nn.Module, adapter_dir: Path, adapter_name: str = "default") -> str | None:
+    """Why the adapter saved in ``adapter_dir`` does not fill the LoRA weights of adapter ``adapter_name`` of the
+    PEFT ``model`` it was loaded into (``None`` when it does). PEFT only warns about missing weights and keeps their
+    random initial values, and it loads other adapter types (IA3, ...) too."""
+    from safetensors import safe_open
+
+    problem = adapter_config_problem(adapter_dir)
+    if problem:
+        return problem
+    try:
+        with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="pt") as fh:
+            saved = {k for k in fh.keys() if ".lora_" in k}
+    except Exception as exc:  # noqa: BLE001 - a missing, truncated or foreign file
+        return f"{ADAPTER_WEIGHTS} is not a readable safetensors file ({brief_error(exc, 1)})"
+    tag = f".{adapter_name}."
+    expected = {n.replace(tag, ".") for n, _ in model.named_parameters() if ".lora_" in n and tag in n}
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if not expected or missing or unexpected:
+        return (f"its LoRA weights do not match the model's LoRA modules ({len(missing)} missing, e.g. "
+                f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): a damaged file, or an adapter "
+                "for another base model or other target modules")
+    bad = [n.replace(tag, ".") for n, p in model.named_parameters()
+           if ".lora_" in n and tag in n and not torch.isfinite(p).all()]
+    if bad:
+        return (f"{len(bad)} of its LoRA weights hold NaN/inf, e.g. {bad[:2]}: a damaged file, or training "
+                "that diverged")
+    return None
 
 
 def brief_error(exc: BaseException, max_lines: int = 2) -> str:
@@ -353,6 +400,8 @@ class BayesianMethod:
                 if tensor.shape != state[key].shape:
                     raise MethodError(f"Posterior tensor {key} has shape {tuple(state[key].shape)}, "
                                       f"expected {tuple(tensor.shape)}")
+                if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+                    raise MethodError(f"Posterior tensor {key} holds NaN/inf: the run is corrupted")
                 tensor.copy_(state[key])
 
     def attach(self, model) -> None:
@@ -381,12 +430,18 @@ class BayesianMethod:
                               f"its settings (run.json, 'train') plus --out {run_dir} --resume")
             raise MethodError(f"{run_dir} has no PEFT adapter ({adapter_dir}/adapter_config.json is missing)"
                               + unfinished)
+        problem = adapter_config_problem(adapter_dir)
+        if problem:
+            raise MethodError(f"The adapter in {adapter_dir} is not usable: {problem}")
         try:
             with peft_quietly():
                 model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=False)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
             raise MethodError(f"Could not load the adapter in {adapter_dir} onto the base model: "
                               f"{brief_error(exc)}") from exc
+        problem = adapter_weights_problem(model, adapter_dir)
+        if problem:
+            raise MethodError(f"The adapter in {adapter_dir} is not usable: {problem}")
         self.load_extra_adapters(model, adapter_dir)
         self.attach(model)
         self.load_state_dict(model, read_posterior(run_dir, self.name))

@@ -24,8 +24,13 @@ import torch
 from ..peft_ext import adapter_rows, peft_quietly
 from ..predictive import Predictive
 from ..scoring import ChoiceScorer, EncodedBatch
-from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError, SamplePlan
+from .base import AdapterConfig, BayesianMethod, MethodConfig, MethodError, SamplePlan, adapter_config_problem, \
+    adapter_weights_problem
 from .registry import register_method
+
+
+#: each member is a whole LoRA adapter in memory, trained on every batch: far more than the papers' 3-5
+MAX_MEMBERS = 64
 
 
 def member_names(k: int) -> list[str]:
@@ -39,8 +44,10 @@ class EnsembleConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.n_members, int) or isinstance(self.n_members, bool) or self.n_members < 1:
-            raise MethodError(f"Expected ensemble `n_members` to be a positive int, but got {self.n_members!r}")
+        if not isinstance(self.n_members, int) or isinstance(self.n_members, bool) \
+                or not 1 <= self.n_members <= MAX_MEMBERS:
+            raise MethodError(f"Expected ensemble `n_members` to be an int from 1 to {MAX_MEMBERS}, but got "
+                              f"{self.n_members!r}")
 
     def sample_plan(self) -> SamplePlan:
         return SamplePlan(max_samples=self.n_members)
@@ -120,8 +127,14 @@ class Ensemble(BayesianMethod):
             if not (path / "adapter_config.json").is_file():
                 raise MethodError(f"Ensemble member {name!r} is missing: {path}/adapter_config.json not found "
                                   f"(expected {self.config.n_members} members)")
+            problem = adapter_config_problem(path)
+            if problem:
+                raise MethodError(f"Ensemble member {name!r} in {path} is not usable: {problem}")
             try:
                 with peft_quietly():
                     model.load_adapter(str(path), adapter_name=name, is_trainable=False)
             except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
                 raise MethodError(f"Could not load ensemble member {name!r} from {path}: {exc}") from exc
+            problem = adapter_weights_problem(model, path, name)
+            if problem:
+                raise MethodError(f"Ensemble member {name!r} in {path} is not usable: {problem}")

@@ -442,12 +442,21 @@ class Laplace(PosthocMethod):
         for k, f in self.factors.items():
             f.qa, f.la, f.qg, f.lg = (state[f"{k}.{s}"].float() for s in ("qa", "la", "qg", "lg"))
             d_out, d_in = f.module.weight.shape
-            if f.qa.shape[0] != d_in or f.qg.shape[0] != d_out or f.qa.shape[1] != f.la.shape[0] \
-                    or f.qg.shape[1] != f.lg.shape[0]:
+            if f.qa.ndim != 2 or f.qg.ndim != 2 or f.la.ndim != 1 or f.lg.ndim != 1 or f.qa.shape[0] != d_in \
+                    or f.qg.shape[0] != d_out or f.qa.shape[1] != f.la.shape[0] or f.qg.shape[1] != f.lg.shape[0]:
                 raise LaplaceError(f"The saved curvature of {k} has the wrong shape for the adapter")
-        self.prior_precision = float(state["prior_precision"])
-        self.prior_precision_a = float(state["prior_precision_a"]) if "prior_precision_a" in state else None
-        self.n_data = float(state["n_data"])
-        for value in (self.prior_precision, self.prior_precision_a):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise LaplaceError(f"The saved prior precision is {value}: the run is corrupted")
+            if not all(torch.isfinite(t).all() for t in (f.qa, f.la, f.qg, f.lg)) \
+                    or bool((f.la < 0).any() or (f.lg < 0).any()):
+                raise LaplaceError(f"The saved curvature of {k} holds non-finite values or negative eigenvalues "
+                                   "(a curvature is positive semi-definite): the run is corrupted")
+        scalars = {}
+        for key in ("prior_precision", "prior_precision_a", "n_data"):
+            if key in state:
+                value = state[key]
+                if value.numel() != 1 or not math.isfinite(float(value)) or float(value) <= 0:
+                    raise LaplaceError(f"The saved `{key}` should be one finite positive number, got "
+                                       f"{value.flatten()[:3].tolist()}: the run is corrupted")
+                scalars[key] = float(value)
+        self.prior_precision = scalars["prior_precision"]
+        self.prior_precision_a = scalars.get("prior_precision_a")
+        self.n_data = scalars["n_data"]

@@ -4,7 +4,8 @@ Each targeted LoRA factor ``W`` (``A``: (r, d_in), ``B``: (d_out, r)) is *genera
 whitened ``u₀ ~ N(μ, diag(σ²))`` (m_r, m_c), a masked autoregressive flow ``u = f(u₀)``, then
 ``W = prior_sd · (T_r U T_c + λ · Matheron noise)`` with ``U = L_r u L_cᵀ`` under the Kronecker prior
 ``K_U = K_c ⊗ K_r`` (the math is in :mod:`bayeslora.methods.sgp_math`). The PEFT weight of a generated factor is
-frozen and unused (it stays in the adapter file only so PEFT can reload the adapter).
+frozen and unused by bayeslora; it is saved as the factor's deterministic value, so that plain PEFT loads
+the posterior-mean adapter.
 
 Loss (per training question): ``CE + kl_weight / N · Σ_layers [log q₀(u₀) - log|det ∂f/∂u₀| - log p(u)
 + d_in d_out (λ²/2 - log λ - 1/2)]``, a one-sample estimate of the inducing KL plus the closed-form conditional KL.
@@ -256,6 +257,22 @@ class SGP(BayesianMethod):
         if not self._layers:
             return torch.zeros(())
         return torch.stack([layer.kl() for layer in self._layers]).sum()
+
+    def save(self, model, out_dir) -> None:
+        """As every method, but the PEFT weight of each generated factor is written as its deterministic factor
+        (:meth:`SGPLoraFactor.mean_weight`): plain PEFT then loads the adapter the run predicts with at
+        ``--samples 0``, where it used to load the frozen initial weights of those factors. bayeslora itself never
+        reads them (it rebuilds the factors from the posterior)."""
+        with torch.no_grad():
+            kept = [layer.weight.detach().clone() for layer in self._layers]
+            for layer in self._layers:
+                layer.weight.copy_(layer.mean_weight().to(layer.weight.dtype))
+        try:
+            super().save(model, out_dir)
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(self._layers, kept, strict=True):
+                    layer.weight.copy_(weight)
 
     def kl_scale(self, n_train: int) -> float:
         return self.config.kl_weight / max(n_train, 1)

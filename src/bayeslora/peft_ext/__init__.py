@@ -34,8 +34,10 @@ import warnings
 def peft_quietly():
     """Inside only (the filters are not process-wide): PEFT's warnings that do not apply to bayeslora. PEFT warns
     on every LoRA of a tied LM head that merging would untie it, and bayeslora never merges adapters; it also
-    reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model."""
+    reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model. Adapter weights it does not
+    find are an error in bayeslora (``methods.base.adapter_weights_problem``), not a warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*tie_word_embeddings=True.*tied layer is part of the adapter.*")
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated.*")
+        warnings.filterwarnings("ignore", message=r"Found missing adapter keys while loading the checkpoint.*")
         yield
