@@ -97,6 +97,26 @@ def test_eval_of_a_corrupted_run(tmp_path, capsys):
     assert "adapter" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, problem", [
+    ('["model", "method", "format"]', "holds a JSON list, not an object"),
+    ('"a string"', "holds a JSON str, not an object"),
+    ('{"model": "tiny-random-llama", "method": ["mle"], "format": "cloze"}', "'method' should be a string"),
+    ('{"model": "tiny-random-llama", "method": "mle", "format": "cloze", "max_length": "abc"}',
+     "'max_length' should be a positive integer"),
+    ('{"model": "tiny-random-llama", "method": "mle", "format": "cloze", "max_length": 0}',
+     "'max_length' should be a positive integer"),
+    ("[" * 100_000, "not readable JSON (RecursionError)"),
+])
+def test_a_run_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, content, problem):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(content)
+    for command in (["eval", str(tmp_path / "run")],
+                    ["calibrate", str(tmp_path / "run"), "--out", str(tmp_path / "t")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and problem in err and "corrupted" in err
+
+
 def test_every_subcommand_documents_its_flags():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -29,6 +29,38 @@ def test_hf_directory_round_trip(tmp_path):
     assert loaded.tokenizer.padding_side == "left"
 
 
+def test_a_damaged_or_pickled_model_folder_is_a_model_error(tmp_path):
+    """A folder whose config is wrong, or whose weights are a pickle (never unpickled), is one ModelLoadError."""
+    import json
+    import pickle
+
+    tiny = load_model("tiny-random-llama")
+    tiny.model.save_pretrained(tmp_path / "bad-config")
+    tiny.tokenizer.save_pretrained(tmp_path / "bad-config")
+    config = json.loads((tmp_path / "bad-config" / "config.json").read_text())
+    (tmp_path / "bad-config" / "config.json").write_text(json.dumps({**config, "hidden_size": "x"}))
+    with pytest.raises(ModelLoadError, match="Could not load the model in"):
+        load_model(str(tmp_path / "bad-config"))
+    pickled = tmp_path / "pickled"
+    tiny.tokenizer.save_pretrained(pickled)
+    tiny.model.config.save_pretrained(pickled)
+    marker = tmp_path / "unpickled"
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(Marker(str(marker))))
+    with pytest.raises(ModelLoadError, match="Could not load the model in"):
+        load_model(str(pickled))
+    assert not marker.exists()
+
+
+class Marker:
+    """Unpickling this would create a file: the proof that a pickle ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_missing_default_model_names_the_install_command(monkeypatch):
     def no_package(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -568,6 +568,29 @@ def test_laplace_round_trip(mle_run, tmp_path):
     assert run.info["fit"]["prior_precision"] == mem.method.prior_precision
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda st: st.update(n_data=torch.tensor([-1e6])), "`n_data` should be one finite positive number"),
+    (lambda st: st.update(n_data=torch.tensor([0.0])), "`n_data` should be one finite positive number"),
+    (lambda st: st.update(prior_precision=torch.tensor([1.0, 2.0])), "`prior_precision` should be one finite"),
+    (lambda st: [st.__setitem__(k, -st[k].abs() - 1) for k in list(st) if k.endswith(".la")],
+     "negative eigenvalues"),
+    (lambda st: [st.__setitem__(k, torch.full_like(st[k], float("nan"))) for k in list(st) if k.endswith(".qg")],
+     "non-finite values"),
+])
+def test_a_corrupted_laplace_posterior_is_refused(mle_run, tmp_path, edit, problem):
+    """A hand-edited curvature or prior loaded without a word would give other uncertainties than the fit's."""
+    from safetensors.torch import load_file, save_file
+
+    from bayeslora.methods import MethodError
+
+    out = bayesianize(mle_run, "laplace", tmp_path / "lap", options={"n_fit": 8, "prior": "marglik"}, limit=8)
+    state = load_file(str(out / "posterior.safetensors"))
+    edit(state)
+    save_file(state, str(out / "posterior.safetensors"), metadata={"method": "laplace"})
+    with pytest.raises(MethodError, match=re.escape(problem)):
+        load_run(out)
+
+
 def test_batches_are_scored_with_their_own_choice_count(mle_run):
     """Evaluation scores each batch with its own largest choice count (a Jacobian pays one backward per choice)
     and pads the rest with probability 0: the same predictive as scoring every batch with the largest count."""
@@ -782,15 +805,13 @@ def test_laplace_marglik_prior_maximizes_the_evidence(mle_run):
 def test_laplace_nan_adapter_is_a_clear_error(mle_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from bayeslora.methods.laplace import LaplaceError
-
     bad = tmp_path / "nan_run"
     shutil.copytree(mle_run, bad)
     weights = bad / "adapter" / "adapter_model.safetensors"
     state = load_file(str(weights))
     state = {k: v.fill_(float("nan")) if "lora_B" in k else v for k, v in state.items()}
     save_file(state, str(weights))
-    with pytest.raises(LaplaceError, match="NaN"):
+    with pytest.raises(PosthocError, match="LoRA weights hold NaN/inf"):  # found on load, before any fit
         bayesianize(bad, "laplace", tmp_path / "out", options={"n_fit": 4}, limit=8)
     assert not (tmp_path / "out").exists()
 

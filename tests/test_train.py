@@ -53,6 +53,86 @@ def test_train_writes_a_reloadable_run(tmp_path):
     assert torch.allclose(p1.probs, load_run(run_dir).predict(examples).probs)
 
 
+def test_evaluating_during_training_changes_nothing_and_matches_eval(tmp_path):
+    """With LoRA dropout, evaluation during training ran with the dropout on (other metrics than `bayeslora eval`)
+    and drew it from the global RNG (another trajectory than the same run without --eval-every)."""
+    from bayeslora import evaluate_examples
+    from bayeslora.methods import AdapterConfig
+
+    cfg = dict(**TINY, max_steps=4, lr=3e-2, adapter=AdapterConfig(dropout=0.5))
+    plain = train(TrainConfig(**cfg), tmp_path / "plain", progress=False)
+    evaluated = train(TrainConfig(**cfg, eval_every=2, eval_limit=12), tmp_path / "evaluated", progress=False)
+    a, b = _adapter(plain), _adapter(evaluated)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = json.loads((evaluated / "train_log.jsonl").read_text().splitlines()[-1])["eval"]
+    metrics, _ = evaluate_examples(load_run(evaluated), load_task("arith", "validation", limit=12))
+    assert logged["nll"] == pytest.approx(metrics["nll"], abs=1e-5)  # the log keeps 5 decimals
+    assert logged["acc"] == pytest.approx(metrics["acc"], abs=1e-5)
+
+
+def test_the_log_holds_each_steps_own_learning_rate_and_objective(tmp_path):
+    run_dir = train(TrainConfig(**{**TINY, "method": "blob"}, max_steps=10, lr=1e-3, warmup_ratio=0.5),
+                    tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    # warmup over 5 steps to 1e-3, then linear decay: the rate each step's update used (the last is not 0)
+    assert [r["lr"] for r in log] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    n_train = json.loads((run_dir / "run.json").read_text())["n_train"]
+    for r in log:  # the objective and its KL part, as the loss adds them (BLoB: the KL over the training set size)
+        assert r["kl_term"] == pytest.approx(r["kl"] / n_train, rel=1e-6)
+        assert r["loss"] == pytest.approx(r["nll"] + r["kl_term"], rel=1e-6) and r["step_s"] > 0
+
+
+def _interrupt_at_step(monkeypatch, step: int) -> None:
+    """Make MLE's training step ``step`` raise KeyboardInterrupt, as Ctrl-C would; ``monkeypatch.undo()`` ends it."""
+    from bayeslora.methods.mle import MLE
+
+    original, calls = MLE.nll, {"n": 0}
+
+    def nll(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(MLE, "nll", nll)
+
+
+def test_training_time_adds_up_over_a_resume(tmp_path, monkeypatch):
+    _interrupt_at_step(monkeypatch, 4)
+    cfg = TrainConfig(**{**TINY, "save_every": 2}, max_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    before = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["elapsed_s"]
+    monkeypatch.undo()
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[2]["elapsed_s"] > before and log[2]["elapsed_s"] > log[1]["elapsed_s"]
+    total = json.loads((tmp_path / "run" / "run.json").read_text())["train_time_s"]
+    assert total >= log[-1]["elapsed_s"] > before
+    train(cfg, tmp_path / "run", resume=True, progress=False)  # nothing left to do: the time stays
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["train_time_s"] >= total
+
+
+def test_epochs_cover_the_data():
+    cfg = TrainConfig(**{**TINY, "max_steps": 0, "epochs": 1.0, "batch_size": 8})
+    assert cfg.n_steps(20) == 3 and cfg.n_steps(16) == 2  # 2.5 steps: 3, not 2 (16 of 20 questions)
+    assert TrainConfig(**{**TINY, "max_steps": 0, "epochs": 0.1, "batch_size": 8}).n_steps(80) == 1
+
+
+def test_training_on_a_data_file_with_evaluation_warns(tmp_path):
+    rows = [{"question": f"{i} + 1 =", "choices": [str(i + 1), str(i + 2)], "answer": 0} for i in range(8)]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="evaluation during training is on training questions"):
+        train(TrainConfig(model="tiny-random-llama", dataset=str(tmp_path / "mine.jsonl"), max_steps=2,
+                          batch_size=2, save_every=0, eval_every=2), tmp_path / "run", progress=False)
+
+
+def test_an_out_that_is_a_file_is_refused_first(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(TrainingError, match="is a file"):
+        train(TrainConfig(**TINY, max_steps=1), tmp_path / "afile", progress=False)
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
 def test_training_changes_only_the_adapter(tmp_path):
     run_dir = train(TrainConfig(**TINY, max_steps=2, lr=1e-2), tmp_path / "run", progress=False)
     run = load_run(run_dir)
@@ -85,10 +165,73 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, monkeyp
         return value * float("nan") if calls["n"] == 3 else value
     monkeypatch.setattr(MLE, "nll", nll)
     cfg = TrainConfig(**{**TINY, "save_every": 2}, max_steps=5)
-    with pytest.raises(TrainingError, match="at step 3"):
+    with pytest.raises(TrainingError, match="at step 3") as err:
         train(cfg, tmp_path / "run", progress=False)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 2
+    # what it says can be done: --resume repeats the step bit for bit, so a new run is the way
+    assert "last good checkpoint is in" in str(err.value) and "new --out" in str(err.value)
+    calls["n"] = 0
+    with pytest.raises(TrainingError, match="at step 3") as err:  # no checkpoint yet: none is named
+        train(TrainConfig(**{**TINY, "save_every": 0}, max_steps=5), tmp_path / "early", progress=False)
+    assert "checkpoint" not in str(err.value) and "--lr" in str(err.value)
+
+
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path):
+    """A checkpoint that does not fit the run (hand-edited, another run's) is an error that names it, before any
+    step, instead of a traceback from deep inside torch."""
+    from safetensors.torch import save_file
+
+    cfg = TrainConfig(**{**TINY, "save_every": 2}, max_steps=4)
+    done = train(cfg, tmp_path / "run", progress=False)
+    edits = {
+        "extra tensor": lambda ck: save_file({**load_file(str(ck / "trainable.safetensors")), "zzz": torch.zeros(1)},
+                                             str(ck / "trainable.safetensors")),
+        "wrong shape": lambda ck: save_file({k: torch.zeros(3) for k in load_file(str(ck / "trainable.safetensors"))},
+                                            str(ck / "trainable.safetensors")),
+        "rng": lambda ck: save_file({"torch": torch.zeros(2, dtype=torch.uint8)}, str(ck / "rng.safetensors")),
+        "state": lambda ck: (ck / "state.json").write_text(json.dumps({"step": 2})),
+        "step": lambda ck: (ck / "state.json").write_text(json.dumps(
+            {**json.loads((ck / "state.json").read_text()), "step": 10**6})),
+        "optimizer": lambda ck: torch.save({"a": "b"}, ck / "optimizer.pt"),
+    }
+    for name, edit in edits.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(done, copy)
+        edit(copy / "checkpoint")
+        with pytest.raises(TrainingError, match="Checkpoint .* (does not match|does not fit|is at step|unreadable)"):
+            train(cfg, copy, resume=True, progress=False)
+
+
+def test_resume_without_a_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
+    """A run stopped before its first checkpoint starts over on --resume: its log must not keep the old steps."""
+    _interrupt_at_step(monkeypatch, 3)
+    cfg = TrainConfig(**{**TINY, "save_every": 0}, max_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
+    monkeypatch.undo()
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**40), ("seed", -1), ("epochs", float("inf")),
+                                          ("epochs", float("nan")), ("eval_every", -1), ("save_every", -1),
+                                          ("eval_limit", 0)])
+def test_settings_are_checked_before_a_folder_is_made(field, value):
+    """Each used to pass the config and fail later (a seed of 2^40 overflowed the data order's seed after the run
+    folder was made; NaN epochs crashed planning the steps; inf epochs planned ~1e303 steps)."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{**TINY, "max_steps": 0, "epochs": 1.0, field: value})
+
+
+@pytest.mark.parametrize("alpha", [-16.0, 0.0, float("nan"), float("inf")])
+def test_lora_alpha_must_be_positive(alpha):
+    from bayeslora.methods import AdapterConfig
+
+    with pytest.raises(ValueError, match="alpha"):
+        AdapterConfig(alpha=alpha)
 
 
 def test_resume_after_kill_is_bitwise_identical(tmp_path):
@@ -160,6 +303,14 @@ def test_a_user_file_is_recorded_by_absolute_path(tmp_path, monkeypatch):
                       save_every=0), "run", progress=False)
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
     assert saved["dataset"] == str(tmp_path / "data" / "mine.jsonl") == saved["train"]["dataset"]
+    # ... with its content's digest: --resume refuses a file that changed since (it used to go on with it)
+    import hashlib
+
+    assert saved["dataset_sha256"] == hashlib.sha256((tmp_path / "data" / "mine.jsonl").read_bytes()).hexdigest()
+    (tmp_path / "data" / "mine.jsonl").write_text("".join(json.dumps({**r, "answer": 1}) + "\n" for r in rows))
+    with pytest.raises(TrainingError, match="has changed since"):
+        train(TrainConfig(model="tiny-random-llama", dataset="data/mine.jsonl", max_steps=1, batch_size=2,
+                          save_every=0), "run", resume=True, progress=False)
 
 
 @pytest.mark.parametrize("method", ["mle", "blob", "mcd"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .cli_bench import add_bench_parser
 from .cli_posthoc import add_posthoc_parsers
-from .io_utils import json_text
+from .io_utils import check_writable_folder, json_text
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 
@@ -54,6 +54,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches per step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, warmup + linear decay)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps for linear warmup")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--max-length", type=int, default=256, help="max tokens per row (left-truncated)")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, init and sampling")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
@@ -90,7 +91,8 @@ def _cmd_train(args) -> int:
                          format=args.format, dtype=args.dtype, data_dir=args.data_dir, source=args.source,
                          adapter=adapter, lr=args.lr,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
-                         epochs=args.epochs, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
+                         epochs=args.epochs, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                         max_length=args.max_length,
                          train_limit=args.train_limit, eval_every=args.eval_every, eval_limit=args.eval_limit,
                          save_every=args.save_every, seed=args.seed)
     run_dir = train(config, args.out, resume=args.resume, progress=not args.no_progress)
@@ -148,7 +150,7 @@ def _cmd_eval(args) -> int:
     split = _eval_split(dataset, args.split, info)
     name = Path(dataset).stem if is_user_file(dataset) else dataset
     out = Path(args.out) if args.out else Path(args.run_dir) / "eval" / f"{name}-{split}"
-    _check_output_folder(out)
+    check_writable_folder(out)  # before the model loads
 
     def questions(task: str, task_split: str):
         examples = load_task(task, task_split, args.data_dir, args.source, limit=args.limit)
@@ -211,16 +213,6 @@ def _eval_split(dataset: str, split: str | None, info: dict) -> str:
         print(f"note: {dataset} is the file this run was trained on: these are training-set metrics (pass "
               "--dataset with held-out questions)", file=sys.stderr)
     return "file"
-
-
-def _check_output_folder(out: Path) -> None:
-    """Before the model loads: ``out`` must be a folder that can be written (or created)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; expected a folder for metrics.json, predictions.jsonl and "
-                         "reliability.png")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write in {parent}")
 
 
 def _methods_parser(sub) -> None:

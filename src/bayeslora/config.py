@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,21 @@ def resolve_format(fmt: str, model_spec: str, model: torch.nn.Module | None = No
     else:
         small = resolve_spec(model_spec) in CLOZE_BY_DEFAULT
     return ChoiceFormat.CLOZE.value if small else ChoiceFormat.LETTER.value
+
+
+#: training seeds are 32-bit, as in numpy and most tools (the seeds derived from them, such as a data order's, stay
+#: within 64 bits); a sampling seed (eval, bayesianize, a served request) is any torch generator seed below 2^63
+MAX_SEED = 2**32 - 1
+MAX_SAMPLING_SEED = 2**63 - 1
+#: epochs of a run planned by `epochs` (NaN and inf are not numbers of epochs)
+MAX_EPOCHS = 1e6
+
+
+def check_seed(seed, upper: int = MAX_SEED) -> int:
+    """``seed`` if it is an int in [0, upper], else a :class:`ConfigError` naming it."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= upper:
+        raise ConfigError(f"Expected a seed from 0 to {upper}, but got {seed!r}")
+    return seed
 
 
 class ConfigError(ValueError):
@@ -91,8 +107,16 @@ class TrainConfig:
                 raise ConfigError(f"Expected `{name}` to be a positive int, but got {value!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"`batch_size` ({self.batch_size}) must be divisible by `grad_accum` ({self.grad_accum})")
-        if self.max_steps < 0 or self.epochs < 0 or (self.max_steps == 0 and self.epochs == 0):
-            raise ConfigError("Set a positive `max_steps`, or `max_steps` 0 and a positive `epochs`")
+        if self.max_steps < 0 or not 0 <= self.epochs <= MAX_EPOCHS or (self.max_steps == 0 and self.epochs == 0):
+            raise ConfigError(f"Set a positive `max_steps`, or `max_steps` 0 and `epochs` in (0, {MAX_EPOCHS}], "
+                              f"got {self.max_steps!r} and {self.epochs!r}")
+        check_seed(self.seed)
+        for name in ("eval_every", "save_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"Expected `{name}` to be an int >= 0 (0: off), but got {getattr(self, name)!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise ConfigError(f"Expected `eval_limit` to be a positive int (or None: all), but got "
+                              f"{self.eval_limit!r}")
         if not self.lr > 0:
             raise ConfigError(f"Expected `lr` > 0, but got {self.lr!r}")
         if not self.max_grad_norm >= 0:
@@ -103,7 +127,9 @@ class TrainConfig:
     def n_steps(self, n_train: int) -> int:
         if self.max_steps > 0:
             return self.max_steps
-        return max(1, round(self.epochs * n_train / self.batch_size))
+        # enough steps to see every question `epochs` times (rounding 2.5 steps to 2 left a fifth of them out); the
+        # tolerance keeps float noise such as 0.1 * 80 / 8 = 1.0000000000000002 from adding a step
+        return max(1, math.ceil(self.epochs * n_train / self.batch_size - 1e-9))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

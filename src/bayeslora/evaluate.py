@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from . import metrics
+from .config import MAX_SAMPLING_SEED, check_seed
 from .io_utils import atomic_write_text, json_text
 from .predictive import Predictive
 from .tasks.base import MCExample
@@ -27,7 +28,7 @@ def predict_examples(run, examples: list[MCExample | dict], n_samples: int | Non
         raise ValueError("Expected at least one example to predict")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(check_seed(seed, MAX_SAMPLING_SEED))
     device = next(run.model.parameters()).device
     starts = range(0, len(examples), batch_size)
     if progress:

@@ -57,14 +57,49 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _umask_modes(tmp)
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.replace(target, old)
     os.replace(tmp, target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give what was written into ``folder`` the modes ``open``/``mkdir`` would (safetensors and tempfile write
+    0600 files)."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), _umasked(0o777))
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, _umasked(0o666))
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path`` whatever it is (a folder, a file, a link); nothing when it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_writable_folder(out: Path, flag: str = "--out") -> None:
+    """Before any long work: ``out`` must be a folder (or not exist yet) in which files can be created. Tried for
+    real in the nearest existing folder: ``os.access`` says yes to root even where nothing can be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; expected a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".bayeslora-write-check-"))
+    except OSError as exc:
+        raise ValueError(f"{flag} {out}: cannot write in {parent} ({exc.strerror or exc})") from None
 
 
 def json_safe(value):

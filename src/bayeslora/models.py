@@ -153,7 +153,8 @@ def _load_hf_dir(path: str | Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    # safetensors only: a pickled pytorch_model.bin is refused, not unpickled
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     return model, tokenizer
 
 
@@ -299,7 +300,12 @@ def _load_model(spec: str | None, device, dtype: torch.dtype | None) -> LoadedMo
     elif Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ModelLoadError(f"Model directory {spec!r} has no config.json: not a Hugging Face model directory")
-        model, tokenizer = _load_hf_dir(spec, dtype)
+        try:
+            model, tokenizer = _load_hf_dir(spec, dtype)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types for a damaged folder
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise ModelLoadError(f"Could not load the model in {spec!r} (a Hugging Face causal LM folder with "
+                                 f"safetensors weights and a tokenizer): {type(exc).__name__}: {first[:300]}") from exc
     elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # a path, not an 'org/name' hub id
         raise ModelLoadError(f"Model directory {spec!r} does not exist (a local path; a hub id looks like 'org/name')")
     elif "/" in spec and not Path(spec).exists():

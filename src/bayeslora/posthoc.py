@@ -20,19 +20,18 @@ from pathlib import Path
 
 import torch
 
-from .config import resolve_format
-from .io_utils import atomic_dir
+from .config import MAX_SAMPLING_SEED, check_seed, resolve_format
+from .io_utils import atomic_dir, check_writable_folder
 from .methods import build_method
 from .methods.posthoc_base import PosthocMethod, show_progress
-from .methods.base import ADAPTER_DIR, POSTERIOR_FILE, brief_error
+from .methods.base import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, POSTERIOR_FILE, adapter_weights_problem, \
+    brief_error
 from .models import global_rng_kept, load_model, parse_dtype
 from .peft_ext import peft_quietly
 from .runs import RUN_FILE, read_run_info, write_run_info
 from .scoring import make_scorer
 from .tasks import is_user_file, load_task
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class PosthocError(ValueError):
@@ -130,7 +129,6 @@ def resolve_source(source: str | Path, model: str | None = None) -> AdapterSourc
 def load_adapter(base_model: torch.nn.Module, adapter_dir: Path):
     """Load a PEFT LoRA adapter onto ``base_model``; every LoRA weight must match the model (else PosthocError)."""
     from peft import PeftModel
-    from safetensors import safe_open
 
     try:
         with global_rng_kept(), peft_quietly():  # PEFT initializes the LoRA weights before the saved ones replace them
@@ -138,22 +136,19 @@ def load_adapter(base_model: torch.nn.Module, adapter_dir: Path):
     except Exception as exc:  # noqa: BLE001 - PEFT raises many types for a mismatched adapter
         raise PosthocError(f"The adapter in {adapter_dir} does not fit the base model (check the base model spec, "
                            f"the adapter's target modules and rank): {brief_error(exc)}") from exc
-    try:
-        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as fh:
-            saved = {k for k in fh.keys() if ".lora_" in k}
-    except Exception as exc:  # noqa: BLE001
-        raise PosthocError(f"{adapter_dir / ADAPTER_WEIGHTS} is not a readable safetensors file ({exc})") from exc
-    expected = {n.replace(".default.", ".") for n, _ in model.named_parameters() if ".lora_" in n}
-    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-    if not expected or missing or unexpected:
-        raise PosthocError(f"The adapter in {adapter_dir} does not match the base model's modules: missing "
-                           f"{missing[:2]}, unexpected {unexpected[:2]} (wrong --model or target modules?)")
+    problem = adapter_weights_problem(model, adapter_dir)
+    if problem:
+        raise PosthocError(f"The adapter in {adapter_dir} does not fit the base model: {problem}")
     return model
 
 
 def _check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PosthocError(f"Output {out} already exists and is not empty: choose another --out")
+    try:
+        check_writable_folder(out)  # before the fit, which can take minutes
+    except ValueError as exc:
+        raise PosthocError(str(exc)) from None
 
 
 def _fit_examples(method: PosthocMethod, dataset: str, split: str | None, data_dir, limit: int | None):
@@ -176,6 +171,9 @@ def bayesianize(source: str | Path, method: str, out: str | Path, dataset: str |
     """
     out = Path(out)
     _check_output(out)
+    check_seed(seed, MAX_SAMPLING_SEED)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise PosthocError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}")
     meth = build_method(method, options)
     if not isinstance(meth, PosthocMethod):
         raise PosthocError(f"Method {method!r} is trained end to end, not post hoc: use `bayeslora train --method "

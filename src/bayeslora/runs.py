@@ -72,10 +72,27 @@ def read_run_info(run_dir: str | Path) -> dict:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise MethodError(f"{path} is not valid JSON ({exc.msg}); the run is corrupted") from None
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise MethodError(f"{path} is not readable JSON ({type(exc).__name__}); the run is corrupted") from None
+    if not isinstance(info, dict):
+        raise MethodError(f"{path} holds a JSON {type(info).__name__}, not an object; the run is corrupted")
     for key in ("model", "method", "format"):
         if key not in info:
             raise MethodError(f"{path} lacks the key {key!r}; the run is corrupted")
+    for key, kinds, what in RUN_FIELDS:
+        if key in info and (not isinstance(info[key], kinds) or isinstance(info[key], bool)):
+            raise MethodError(f"{path}: {key!r} should be {what}, got {info[key]!r}; the run is corrupted")
+    if info.get("max_length", 1) < 1:
+        raise MethodError(f"{path}: 'max_length' should be a positive integer, got {info['max_length']!r}; the run "
+                          "is corrupted")
     return info
+
+
+#: fields of run.json that are read back, and their types (optional ones are checked when present)
+RUN_FIELDS = (("model", str, "a string"), ("method", str, "a string"), ("format", str, "a string"),
+              ("dtype", str, "a string"), ("max_length", int, "a positive integer"),
+              ("method_config", dict, "an object"), ("adapter", dict, "an object"), ("train", dict, "an object"),
+              ("dataset", (str, type(None)), "a string"))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None, model_spec: str | None = None,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, resolve_format
 from .evaluate import evaluate_examples
-from .io_utils import atomic_dir, atomic_write_text, json_text
+from .io_utils import atomic_dir, atomic_write_text, check_writable_folder, json_text
 from .methods import BayesianMethod, build_method, get_method_class
 from .methods.base import CHECKPOINT_DIR
 from .methods.posthoc_base import PosthocMethod
@@ -62,16 +63,20 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, step: int) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, step: int, elapsed_s: float) -> None:
     with atomic_dir(path) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         rng = {"generator": generator.get_state(), "torch": torch.random.get_rng_state()}
         save_file(rng, str(tmp / "rng.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                    "elapsed_s": elapsed_s}))
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, generator) -> int:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, generator, total: int) -> tuple[int, float]:
+    """Restore the training state saved in ``path``; returns its step and the training time until then (0 for
+    checkpoints written before it was recorded). Anything that does not fit this run is a :class:`TrainingError`
+    naming the checkpoint, before the run goes on."""
     try:
         params = load_file(str(path / "trainable.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
@@ -79,18 +84,30 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, generator) -> int:
         state = json.loads((path / "state.json").read_text())
     except Exception as exc:  # noqa: BLE001
         raise TrainingError(f"Checkpoint {path} is unreadable ({exc}); remove it to start over") from exc
-    named = dict(model.named_parameters())
-    missing = [n for n, p in named.items() if p.requires_grad and n not in params]
-    if missing:
-        raise TrainingError(f"Checkpoint {path} does not match this model/method (missing {missing[:2]} ...)")
-    with torch.no_grad():
-        for name, value in params.items():
-            named[name].copy_(value)
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(rng["generator"])
-    torch.random.set_rng_state(rng["torch"])
-    return int(state["step"])
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
+    if missing or unexpected:
+        raise TrainingError(f"Checkpoint {path} does not match this model/method (missing {missing[:2]}, "
+                            f"unexpected {unexpected[:2]}); remove it to start over")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise TrainingError(f"Checkpoint {path} is at step {step!r}, not a step of this run's {total}; remove it to "
+                            "start over")
+    try:
+        with torch.no_grad():
+            for name, value in params.items():
+                if value.shape != named[name].shape or not torch.isfinite(value).all():
+                    raise ValueError(f"{name} has shape {tuple(value.shape)} or non-finite values")
+                named[name].copy_(value)
+        optimizer.load_state_dict(opt_state)
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(rng["generator"])
+        torch.random.set_rng_state(rng["torch"])
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign state: torch raises many types
+        raise TrainingError(f"Checkpoint {path} does not fit this run ({type(exc).__name__}: {exc}); remove it to "
+                            "start over") from None
+    elapsed = state.get("elapsed_s", 0.0)
+    return step, float(elapsed) if isinstance(elapsed, int | float) and math.isfinite(elapsed) else 0.0
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig) -> dict | None:
@@ -100,9 +117,10 @@ def _check_resumable(run_dir: Path, config: TrainConfig) -> dict | None:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return None
     try:
-        saved = read_run_info(run_dir).get("train")
+        saved_info = read_run_info(run_dir)
+        saved = saved_info.get("train")
     except Exception:  # noqa: BLE001  (missing or corrupted run.json: not a run we can continue)
-        saved = None
+        saved_info, saved = {}, None
     if not isinstance(saved, dict):
         raise TrainingError(f"{run_dir} is not a run started by `bayeslora train` (no run.json with its training "
                             "settings): --resume only continues such a run; choose another --out")
@@ -117,7 +135,18 @@ def _check_resumable(run_dir: Path, config: TrainConfig) -> dict | None:
         listed = "; ".join(f"{k}: {saved.get(k)!r} saved, {now.get(k)!r} given" for k in differ)
         raise TrainingError(f"--resume continues {run_dir} with the settings it was started with, and these differ: "
                             f"{listed}. Pass the saved values, or choose another --out")
+    digest = saved_info.get("dataset_sha256")
+    if digest and Path(str(saved.get("dataset"))).is_file() and file_digest(Path(saved["dataset"])) != digest:
+        raise TrainingError(f"--resume continues {run_dir} on the data it was started with, and the file "
+                            f"{saved['dataset']} has changed since; restore it, or choose another --out")
     return saved
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a data file's bytes: a run records what it trained on, and a resume checks it is the same."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _micro_batches(indices: list[int], grad_accum: int, rank: int, world: int) -> list[list[int]]:
@@ -171,6 +200,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, progre
             f"Method {config.method!r} is fitted post hoc to a trained adapter, not trained: train an mle or map run, "
             f"then `bayeslora bayesianize RUN_DIR --method {config.method} --out DIR` (Python: "
             f"bayeslora.bayesianize(RUN_DIR, {config.method!r}, DIR))")
+    try:
+        check_writable_folder(Path(out_dir))  # before the model loads
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     with global_rng_kept():
         return _train(config, Path(out_dir), resume, progress)
 
@@ -212,14 +245,16 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             "method": method.name, "method_config": method.config.to_dict(), "adapter": config.to_dict()["adapter"],
             "dataset": config.dataset, "n_train": len(train_set), "n_choices": n_choices, "steps": total,
             "train": config.to_dict()}
-    start = 0
+    if is_user_file(config.dataset) and Path(config.dataset).is_file():
+        info["dataset_sha256"] = file_digest(Path(config.dataset))
+    start, elapsed0 = 0, 0.0  # elapsed0: training time before this process (a resumed run's, from its checkpoint)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_info(run_dir, {**info, "status": "training"})
     if resume and (run_dir / CHECKPOINT_DIR).is_dir():
-        start = _load_checkpoint(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, generator)
-        if accelerator.is_main_process:
-            _truncate_log(run_dir, start)
+        start, elapsed0 = _load_checkpoint(run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, generator, total)
+    if resume and accelerator.is_main_process:
+        _truncate_log(run_dir, start)  # steps after the checkpoint (all of them, without one) are redone
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     eval_set = _eval_set(config) if config.eval_every and accelerator.is_main_process else None
@@ -228,10 +263,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
     if progress and accelerator.is_main_process:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=f"train {method.name}", unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed0  # time since the run started, across resumes
     for step in range(start, total):
+        t_step = time.perf_counter()
         indices = batch_indices(len(train_set), config.batch_size, config.seed, step)
-        nll_sum, kl_value = 0.0, 0.0
+        nll_sum, kl_sum = 0.0, 0.0
         micro = _micro_batches(indices, config.grad_accum, rank, world)
         for i, chunk in enumerate(micro):
             enc = scorer.encode([train_set[j] for j in chunk], n_choices=n_choices).to(accelerator.device)
@@ -246,19 +282,28 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
             values = torch.stack([loss.detach().float(), nll.detach().float(), kl.detach().float()])
             loss_v, nll_v, kl_v = values.tolist()
             if not math.isfinite(loss_v):
+                saved = ""
+                if (run_dir / CHECKPOINT_DIR).is_dir():
+                    # --resume repeats the same steps bit for bit, so it would diverge again
+                    saved = (f" The last good checkpoint is in {run_dir / CHECKPOINT_DIR}; resuming with the same "
+                             "settings would repeat this step.")
                 raise TrainingError(
-                    f"The loss became {loss_v} at step {step + 1} (nll {nll_v}, kl {kl_v}); stopped. The last "
-                    f"good checkpoint is in {run_dir / CHECKPOINT_DIR}: lower --lr and --resume")
+                    f"The loss became {loss_v} at step {step + 1} (nll {nll_v}, kl {kl_v}); stopped.{saved} Start "
+                    f"again in a new --out (or remove {run_dir}) with a lower --lr, more warm-up or gradient "
+                    "clipping (--max-grad-norm)")
             nll_sum += nll_v / config.grad_accum
-            kl_value = kl_v
+            kl_sum += kl_v / config.grad_accum
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate of this step's update (scheduler.step() moves to the next)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         nll_mean = accelerator.reduce(torch.tensor(nll_sum, device=accelerator.device), "mean").item()
-        record = {"step": done, "nll": nll_mean, "kl": kl_value, "lr": scheduler.get_last_lr()[0],
+        kl_term = method.kl_scale(len(train_set)) * kl_sum
+        record = {"step": done, "loss": nll_mean + kl_term, "nll": nll_mean, "kl": kl_sum, "kl_term": kl_term,
+                  "lr": lr, "step_s": round(time.perf_counter() - t_step, 3),
                   "elapsed_s": round(time.perf_counter() - t0, 3)}
         if eval_set is not None and done % config.eval_every == 0:
             record["eval"] = _evaluate_during_training(accelerator.unwrap_model(model), method, scorer, eval_set)
@@ -266,13 +311,13 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
         if accelerator.is_main_process:
             _log(run_dir, record)
             if bar is not None:
-                bar.set_postfix(nll=f"{nll_mean:.3f}")
+                bar.set_postfix(nll=f"{nll_mean:.3f}", **({"kl_term": f"{kl_term:.3f}"} if kl_term else {}))
                 bar.update(1)
         if config.save_every and done % config.save_every == 0 and done < total:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 _save_checkpoint(run_dir / CHECKPOINT_DIR, accelerator.unwrap_model(model), optimizer, scheduler,
-                                 generator, done)
+                                 generator, done, time.perf_counter() - t0)
     if bar is not None:
         bar.close()
     accelerator.wait_for_everyone()
@@ -281,7 +326,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
     info["num_processes"] = world
     info["processes_agree"] = _processes_agree(accelerator, final)
     if accelerator.is_main_process:
-        _save_checkpoint(run_dir / CHECKPOINT_DIR, final, optimizer, scheduler, generator, total)
+        _save_checkpoint(run_dir / CHECKPOINT_DIR, final, optimizer, scheduler, generator, total,
+                         time.perf_counter() - t0)
         info["train_time_s"] = round(time.perf_counter() - t0, 2)
         _save_final(run_dir, method, final, {**info, "status": "done"}, loaded.tokenizer)
     accelerator.wait_for_everyone()
@@ -309,10 +355,17 @@ class _nullcontext:
 
 
 def _eval_set(config: TrainConfig):
+    if is_user_file(config.dataset):
+        warnings.warn(f"--eval-every on the data file {config.dataset}: a data file is one split, so the evaluation "
+                      "during training is on training questions (it shows fit, not generalization)", stacklevel=3)
     return load_task(config.dataset, config.eval_split, config.data_dir, config.source, limit=config.eval_limit)
 
 
 def _evaluate_during_training(model, method, scorer, examples) -> dict:
+    """Metrics on the evaluation questions, as `bayeslora eval` would give them: in eval mode (no LoRA dropout) and
+    without touching the global RNG, so that evaluating does not change the training trajectory."""
     run = Run(model=model, tokenizer=scorer.tokenizer, method=method, scorer=scorer)
-    metrics, _ = evaluate_examples(run, examples, progress=False)
+    model.eval()
+    with global_rng_kept():
+        metrics, _ = evaluate_examples(run, examples, progress=False)
     return {k: round(v, 5) if isinstance(v, float) and math.isfinite(v) else v for k, v in metrics.items()}

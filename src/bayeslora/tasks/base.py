@@ -104,6 +104,8 @@ def validate_choices(choices: list, label: int, where: str) -> None:
 def read_text(path: Path) -> str:
     """The UTF-8 text of ``path`` (a byte-order mark, as spreadsheet programs write, is dropped); a file that is not
     UTF-8 is an error naming the file and line."""
+    if path.is_dir():
+        raise DatasetError(f"Dataset {path} is a folder; expected a .jsonl, .json or .csv file")
     if not path.is_file():
         raise DatasetError(f"Dataset file not found: {path}")
     data = path.read_bytes()
@@ -126,7 +128,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
-            raise DatasetError(f"{path}:{lineno}: expected a JSON object, but got {type(obj).__name__}")
+            raise DatasetError(f"{path}:{lineno}: expected a JSON object, but got {type(obj).__name__} (data files "
+                               "are JSON lines: one question object per line, also for .json)")
         rows.append((lineno, obj))
     return rows
 
