@@ -124,6 +124,18 @@ def test_training_on_a_data_file_with_evaluation_warns(tmp_path):
     with pytest.warns(UserWarning, match="evaluation during training is on training questions"):
         train(TrainConfig(model="tiny-random-llama", dataset=str(tmp_path / "mine.jsonl"), max_steps=2,
                           batch_size=2, save_every=0, eval_every=2), tmp_path / "run", progress=False)
+    # held-out questions of one's own: --eval-dataset
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({**r, "question": f"{i} + 2 ="}) + "\n"
+                                                 for i, r in enumerate(rows[:3])))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        run = train(TrainConfig(model="tiny-random-llama", dataset=str(tmp_path / "mine.jsonl"), max_steps=2,
+                                batch_size=2, save_every=0, eval_every=2, eval_dataset=str(tmp_path / "held.jsonl")),
+                    tmp_path / "held-run", progress=False)
+    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert last["eval"]["n"] == 3
 
 
 def test_an_out_that_is_a_file_is_refused_first(tmp_path):

@@ -68,6 +68,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training questions")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: off)")
     p.add_argument("--eval-limit", type=int, default=200, help="questions for evaluation during training")
+    p.add_argument("--eval-dataset", default=None, metavar="TASK_OR_FILE",
+                   help="questions for --eval-every: a task (its validation split) or a data file (default: the "
+                        "training dataset's validation split; a training file is one split)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -94,6 +97,7 @@ def _cmd_train(args) -> int:
                          epochs=args.epochs, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                          max_length=args.max_length,
                          train_limit=args.train_limit, eval_every=args.eval_every, eval_limit=args.eval_limit,
+                         eval_dataset=args.eval_dataset,
                          save_every=args.save_every, seed=args.seed)
     run_dir = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, only the main process reports

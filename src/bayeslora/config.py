@@ -84,6 +84,8 @@ class TrainConfig:
     train_limit: int | None = field(default=None, metadata={"help": "use only the first N training questions"})
     eval_every: int = field(default=0, metadata={"help": "evaluate on eval_split every N steps (0: off)"})
     eval_split: str = field(default="validation", metadata={"help": "split for evaluation during training"})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "task name or data file for evaluation during training (default: the training dataset)"})
     eval_limit: int | None = field(default=200, metadata={"help": "questions used for evaluation during training"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of data order, initialization and sampling"})

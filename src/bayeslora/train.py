@@ -33,7 +33,7 @@ from .tasks import is_user_file, load_task
 
 LOG_FILE = "train_log.jsonl"
 #: training settings a resumed run may change: they do not change its trajectory
-RESUME_FREE = ("data_dir", "eval_every", "eval_split", "eval_limit", "save_every")
+RESUME_FREE = ("data_dir", "eval_every", "eval_split", "eval_limit", "eval_dataset", "save_every")
 
 
 class TrainingError(ValueError):
@@ -214,6 +214,8 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
 
     if is_user_file(config.dataset) and Path(config.dataset).is_file():
         config.dataset = str(Path(config.dataset).resolve())  # run.json must find it from any directory
+    if config.eval_dataset and is_user_file(config.eval_dataset) and Path(config.eval_dataset).is_file():
+        config.eval_dataset = str(Path(config.eval_dataset).resolve())
     saved = _check_resumable(run_dir, config) if resume else None
     if saved is not None:
         config.format = saved.get("format", config.format)  # `auto` resolved as it was when the run started
@@ -225,6 +227,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world = accelerator.process_index, accelerator.num_processes
+    eval_set = _eval_set(config) if config.eval_every and accelerator.is_main_process else None  # before the model
     if (config.batch_size // config.grad_accum) % world:
         raise TrainingError(f"The micro-batch ({config.batch_size // config.grad_accum}) must split evenly over "
                             f"{world} processes")
@@ -257,7 +260,6 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool) -> 
         _truncate_log(run_dir, start)  # steps after the checkpoint (all of them, without one) are redone
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    eval_set = _eval_set(config) if config.eval_every and accelerator.is_main_process else None
 
     bar = None
     if progress and accelerator.is_main_process:
@@ -355,10 +357,14 @@ class _nullcontext:
 
 
 def _eval_set(config: TrainConfig):
-    if is_user_file(config.dataset):
+    """The questions of the evaluation during training: ``eval_dataset``'s (a data file: all of it), else the
+    training dataset's ``eval_split``."""
+    dataset = config.eval_dataset or config.dataset
+    if is_user_file(dataset) and Path(dataset).resolve() == Path(config.dataset).resolve():
         warnings.warn(f"--eval-every on the data file {config.dataset}: a data file is one split, so the evaluation "
-                      "during training is on training questions (it shows fit, not generalization)", stacklevel=3)
-    return load_task(config.dataset, config.eval_split, config.data_dir, config.source, limit=config.eval_limit)
+                      "during training is on training questions (it shows fit, not generalization); give held-out "
+                      "questions with --eval-dataset FILE", stacklevel=3)
+    return load_task(dataset, config.eval_split, config.data_dir, config.source, limit=config.eval_limit)
 
 
 def _evaluate_during_training(model, method, scorer, examples) -> dict:
