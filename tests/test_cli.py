@@ -193,3 +193,20 @@ def test_eval_ood_auroc_settings_and_data_files(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
     assert "is a file; expected a folder" in capsys.readouterr().err
+
+
+def test_a_failed_plot_keeps_the_earlier_evaluation(tmp_path, monkeypatch):
+    """eval's three files are replaced as a set: a failure while making them leaves the earlier three."""
+    from bayeslora import plots
+
+    assert _train(tmp_path) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "run"), "--limit", "4", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no plot today")
+    monkeypatch.setattr(plots, "reliability_diagram", broken)
+    with pytest.raises(RuntimeError, match="no plot today"):
+        main(["eval", str(tmp_path / "run"), "--limit", "6", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -89,13 +89,23 @@ def prediction_rows(examples: list[MCExample], pred: Predictive) -> list[dict]:
 
 
 def write_evaluation(out_dir: Path, examples: list[MCExample], pred: Predictive, result: dict, title: str) -> None:
-    """metrics.json, predictions.jsonl and reliability.png in ``out_dir`` (each written atomically)."""
+    """metrics.json, predictions.jsonl and reliability.png in ``out_dir``: all three are made before any of them
+    replaces an earlier evaluation's (each file atomically, metrics.json last), so a failure leaves the earlier set
+    as it was."""
+    import os
+
     from .plots import reliability_diagram
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json_text(r) + "\n" for r in prediction_rows(examples, pred))
-    atomic_write_text(out_dir / "predictions.jsonl", lines)
+    metrics_text = json_text(result, indent=2) + "\n"
     labels = torch.tensor([ex.label for ex in examples])
-    reliability_diagram(pred.probs, labels, out_dir / "reliability.png", title=title)
-    atomic_write_text(out_dir / "metrics.json", json_text(result, indent=2) + "\n")
+    staged = out_dir / ".reliability.staged.png"
+    try:
+        reliability_diagram(pred.probs, labels, staged, title=title)
+        atomic_write_text(out_dir / "predictions.jsonl", lines)
+        os.replace(staged, out_dir / "reliability.png")
+        atomic_write_text(out_dir / "metrics.json", metrics_text)
+    finally:
+        staged.unlink(missing_ok=True)
