@@ -45,7 +45,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--method", default="mle", help="method name (see `bayeslora methods`)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--format", default="auto", choices=["auto", "letter", "cloze"],
-                   help="scoring format; auto = cloze for the small default model, letter otherwise")
+                   help="scoring format; auto = cloze for models under 1B parameters, letter otherwise")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],  # models.DTYPES
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU); eval and bayesianize reuse it")
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps (0: use --epochs)")

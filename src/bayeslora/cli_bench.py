@@ -87,7 +87,8 @@ def _cmd_report(args) -> int:
 
 def _results_parser(bench) -> None:
     p = bench.add_parser("results", help="regenerate docs/RESULTS.md",
-                         description="Write docs/results/calibration-PRESET.md from each grid given with --grid "
+                         description="Write docs/results/calibration-PRESET.md (with -MODEL/-DATASETS added when the "
+                         "grid's differ from its preset's) from each grid given with --grid "
                          "and assemble docs/RESULTS.md from every docs/results/*.md fragment plus the published "
                          "reference numbers.")
     p.add_argument("--grid", action="append", default=[],
