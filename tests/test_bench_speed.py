@@ -172,3 +172,23 @@ def test_reused_parts_keep_the_commit_that_measured_them(tmp_path, monkeypatch):
     assert result["commits"] == ["aaaaaaa", "bbbbbbb"] and result["train"] == [row]
     text = speed.format_markdown(result, "bayeslora bench speed")
     assert "| mle | 0.500 | 1.00 | 0 | – | 8 |" in text and "bayeslora commits: aaaaaaa, bbbbbbb." in text
+
+
+def test_scoring_takes_the_questions_that_share_their_context():
+    """A question cut at max_length scores each choice after another context: the scoring part skips it instead
+    of stopping (with the tiny model's byte tokenizer, one ARC-E validation question ended the whole part)."""
+    import warnings
+
+    from bayeslora.bench.speed import shared_context_questions
+    from bayeslora.models import load_model
+    from bayeslora.scoring import make_scorer
+    from bayeslora.tasks.base import qa_example
+
+    scorer = make_scorer("cloze", load_model("tiny-random-llama").tokenizer, max_length=48)
+    short = [qa_example(f"s{i}", f"{i}?", ["a", "bb"], 0) for i in range(3)]
+    long = qa_example("long", "word " * 40, ["a", "a much longer choice"], 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning
+        assert not scorer.encode([long]).shared_prefix
+        assert shared_context_questions(scorer, [short[0], long, short[1], short[2]], 2) == short[:2]
+    assert scorer.share_prefix  # left as it was

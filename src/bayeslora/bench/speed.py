@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -247,14 +248,16 @@ def measure_scoring(config: SpeedConfig) -> list[dict]:
     if not isinstance(scorer, ClozeScorer):
         return []
     device = next(model.parameters()).device
-    examples = load_task(config.dataset, "validation", config.data_dir, limit=config.batch_size)
+    examples = shared_context_questions(scorer, load_task(config.dataset, "validation", config.data_dir),
+                                        config.batch_size)
+    if len(examples) < config.batch_size:
+        raise ValueError(f"Fewer than {config.batch_size} {config.dataset} validation questions share one context "
+                         f"across their choices at --max-length {scorer.max_length}")
     repeats = max(config.repeats, 3)
     encoded = {}
     for share in (False, True):
         scorer.share_prefix = share
         encoded[share] = scorer.encode(examples).to(device)
-        if share and not encoded[share].shared_prefix:
-            raise ValueError(f"The {config.dataset} questions do not share one context across their choices")
     scorer.share_prefix = True  # the encoded batch decides the path (prefix tensors present or not)
 
     def forward(enc):
@@ -287,6 +290,16 @@ def measure_scoring(config: SpeedConfig) -> list[dict]:
         row["x_forward"] = row["forward_s"] / rows[0]["forward_s"]
         row["x_forward_backward"] = row["forward_backward_s"] / rows[0]["forward_backward_s"]
     return rows
+
+
+def shared_context_questions(scorer, examples: list, n: int) -> list:
+    """The first ``n`` questions whose choices share one context once encoded: a question cut at ``max_length``
+    (left-truncation of context + choice) scores each choice after another context and cannot share it."""
+    share, scorer.share_prefix = scorer.share_prefix, True
+    try:
+        return list(itertools.islice((ex for ex in examples if scorer.encode([ex]).shared_prefix), n))
+    finally:
+        scorer.share_prefix = share
 
 
 #: fitted values of a post-hoc fit (``run.json``) shown next to its time
@@ -492,7 +505,7 @@ def _predictive_lines(result: dict) -> list[str]:
 
 
 def _scoring_lines(result: dict) -> list[str]:
-    lines = [f"Cloze scoring of one batch, MLE model (median of {max(result['config']['repeats'], 3)} after 1 "
+    lines = [f"Cloze scoring of one batch (the first validation questions whose choices share their context), MLE model (median of {max(result['config']['repeats'], 3)} after 1 "
              "warm-up, the two settings alternating run by run; positions: padded token positions run through the "
              "model):", ""]
     if "scoring" not in result:
