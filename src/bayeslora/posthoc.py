@@ -24,8 +24,8 @@ from .config import MAX_SAMPLING_SEED, check_seed, resolve_format
 from .io_utils import atomic_dir, check_writable_folder
 from .methods import build_method
 from .methods.posthoc_base import PosthocMethod, show_progress
-from .methods.base import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, POSTERIOR_FILE, adapter_weights_problem, \
-    brief_error
+from .methods.base import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, POSTERIOR_FILE, \
+    adapter_config_problem, adapter_weights_problem, brief_error
 from .models import global_rng_kept, load_model, parse_dtype
 from .peft_ext import peft_quietly
 from .runs import RUN_FILE, read_run_info, write_run_info
@@ -72,8 +72,9 @@ def _adapter_summary(adapter_dir: Path) -> dict:
         raise PosthocError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}: only safetensors adapters are accepted "
                            "(re-save it with save_pretrained(..., safe_serialization=True))")
     cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise PosthocError(f"{adapter_dir} holds a {cfg.get('peft_type')!r} adapter; only LoRA adapters are supported")
+    problem = adapter_config_problem(adapter_dir)
+    if problem:
+        raise PosthocError(f"{adapter_dir}: {problem}; only LoRA adapters are supported")
     unsupported = [k for k in ("use_dora", "use_rslora") if cfg.get(k)]
     if unsupported:
         raise PosthocError(f"{adapter_dir} holds a LoRA variant ({', '.join(unsupported)} in {ADAPTER_CONFIG}); "
